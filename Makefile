@@ -1,0 +1,47 @@
+# Gatekeeper: `make run` starts the gateway, `make test` runs the whole test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= etc/gatekeeper.toml
+TRIAL_JOBS ?= 2
+
+.PHONY: run test lint demo venv test-venv system-deps clean
+
+$(BIN)/gatekeeper: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test-deps: $(BIN)/gatekeeper setup.py
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/gatekeeper
+
+test-venv: $(VENV)/.test-deps
+
+run: venv
+	$(BIN)/gatekeeper --config $(CONFIG) init --if-absent
+	$(BIN)/twistd -n gatekeeper --config $(CONFIG)
+
+system-deps:
+	.ci/install-debian-packages
+
+test: system-deps test-venv
+	@rm -f _trial_temp.log; \
+	$(BIN)/trial -j$(TRIAL_JOBS) --temp-directory=_trial_temp tests 2>&1 | tee _trial_temp.log; \
+	status=$$?; \
+	$(BIN)/python tests/summary.py _trial_temp.log; summary=$$?; \
+	[ $$summary -eq 0 ]
+
+lint: test-venv
+	$(BIN)/ruff check gatekeeper tests bench twisted
+	$(BIN)/ruff format --check gatekeeper tests bench twisted
+	$(BIN)/mypy
+
+demo: venv
+	$(BIN)/gatekeeper demo
+
+clean:
+	rm -rf $(VENV) _trial_temp* build *.egg-info

@@ -1,0 +1,570 @@
+"""Gatekeeper's configuration: one TOML file, one frozen attrs class per section.
+
+The file is parsed once (:func:`load_config`) and every problem becomes a
+:class:`~gatekeeper.errors.ConfigError` naming the setting, e.g.::
+
+    [upstream] imap: expected an endpoint like "tls:mail.example.org:993", got 'imap.example.org'
+
+Relative paths are relative to the directory of the file itself, so a copied
+configuration with its own ``keys/`` works anywhere. Unknown sections and settings are
+errors too: a misspelt setting silently falling back to its default is how gateways end
+up sending mail in the clear.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from gatekeeper.address import normalize_address
+from gatekeeper.errors import ConfigError, InvalidAddress
+
+T = TypeVar("T")
+
+DEFAULT_CONFIG_PATH = "etc/gatekeeper.toml"
+MIN_KDF_ITERATIONS = 600_000
+KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "p256", "p384")
+
+
+# -- values ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class UpstreamEndpoint:
+    """Where and how to reach an upstream server.
+
+    ``security`` is ``"tls"`` (implicit TLS), ``"starttls"`` (plain connect, then
+    STARTTLS/STLS, refused if the server does not offer it) or ``"tcp"`` (no TLS; only
+    accepted for loopback addresses).
+    """
+
+    security: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.security}:{self.host}:{self.port}"
+
+
+_SERVER_ENDPOINT_RE = re.compile(r"^(tcp|tcp6|unix|systemd):\S*$")
+_PORT_RE = re.compile(r"^\d{1,5}$")
+
+
+def parse_server_endpoint(description: str) -> str:
+    """Check a Twisted server endpoint string (``tcp:587:interface=127.0.0.1``).
+
+    Returns it unchanged; raises :class:`ValueError` with the reason when it is not
+    usable. TLS is added by Gatekeeper itself (from ``[tls]``), so ``ssl:`` endpoints
+    are refused rather than silently given a second certificate.
+    """
+    if not _SERVER_ENDPOINT_RE.match(description):
+        raise ValueError('expected a server endpoint like "tcp:587" or "tcp:587:interface=127.0.0.1"')
+    kind, _, rest = description.partition(":")
+    if kind in ("tcp", "tcp6"):
+        fields = rest.split(":")
+        port = fields[0]
+        if port.startswith("port="):
+            port = port[len("port=") :]
+        if not _PORT_RE.match(port) or not 0 <= int(port) <= 65535:
+            raise ValueError("expected a port number between 0 and 65535")
+        for field in fields[1:]:
+            key, eq, value = field.partition("=")
+            if not eq or key not in ("interface", "backlog"):
+                raise ValueError(f"unknown option {key!r} (known: interface, backlog)")
+            if key == "interface":
+                try:
+                    ipaddress.ip_address(value.replace("\\:", ":"))
+                except ValueError:
+                    raise ValueError(f"interface must be an IP address, got {value!r}") from None
+    return description
+
+
+def server_endpoint_interface(description: str) -> str | None:
+    """Return the ``interface=`` address of a tcp endpoint string, if any."""
+    for field in description.split(":")[2:]:
+        key, _, value = field.partition("=")
+        if key == "interface":
+            return value.replace("\\:", ":")
+    return None
+
+
+def parse_upstream_endpoint(description: str) -> UpstreamEndpoint:
+    """Parse ``tls:HOST:PORT``, ``starttls:HOST:PORT`` or ``tcp:HOST:PORT``."""
+    security, _, rest = description.partition(":")
+    host, _, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if security not in ("tls", "starttls", "tcp") or not host or not _PORT_RE.match(port):
+        raise ValueError("bad endpoint")
+    port_number = int(port)
+    if not 1 <= port_number <= 65535:
+        raise ValueError("bad port")
+    if security == "tcp" and not _is_loopback(host):
+        raise ValueError("plain tcp upstreams are only allowed on loopback; use tls: or starttls:")
+    return UpstreamEndpoint(security, host, port_number)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -- the reader ----------------------------------------------------------------------
+
+
+class _Section:
+    """Reads typed settings out of one TOML table and remembers which were used."""
+
+    def __init__(self, name: str, table: Mapping[str, Any], base_dir: Path) -> None:
+        self.name = name
+        self.table = table
+        self.base_dir = base_dir
+        self.used: set[str] = set()
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, f"[{self.name}] {key}")
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.used.add(key)
+        return self.table.get(key, default)
+
+    def has(self, key: str) -> bool:
+        return key in self.table
+
+    def string(self, key: str, default: str) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {_shown(value)}")
+        return value
+
+    def optional_string(self, key: str) -> str | None:
+        value = self._get(key, None)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {_shown(value)}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {_shown(value)}")
+        return value
+
+    def integer(self, key: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected a whole number, got {_shown(value)}")
+        if minimum is not None and value < minimum:
+            raise self.fail(key, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, f"must be at most {maximum}, got {value}")
+        return value
+
+    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(key, f"expected a number, got {_shown(value)}")
+        if value < minimum:
+            raise self.fail(key, f"must be at least {minimum}, got {value}")
+        return float(value)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.string(key, default)
+        if value not in choices:
+            raise self.fail(key, f"expected one of {', '.join(choices)}, got {_shown(value)}")
+        return value
+
+    def string_list(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self._get(key, list(default))
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self.fail(key, f"expected a list of strings, got {_shown(value)}")
+        return tuple(value)
+
+    def path(self, key: str, default: str) -> Path:
+        return self.resolve(key, self.string(key, default))
+
+    def optional_path(self, key: str) -> Path | None:
+        value = self.optional_string(key)
+        return None if value is None or value == "" else self.resolve(key, value)
+
+    def resolve(self, key: str, value: str) -> Path:
+        if not value:
+            raise self.fail(key, "expected a path, got an empty string")
+        path = Path(os.path.expanduser(value))
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    def listener(self, key: str, default: str) -> str:
+        """A server endpoint string; an empty string disables the listener."""
+        value = self.string(key, default)
+        if value == "":
+            return value
+        try:
+            return parse_server_endpoint(value)
+        except ValueError as error:
+            raise self.fail(key, f"{error}, got {_shown(value)}") from None
+
+    def upstream(self, key: str, example: str) -> UpstreamEndpoint | None:
+        value = self.optional_string(key)
+        if value is None or value == "":
+            return None
+        try:
+            return parse_upstream_endpoint(value)
+        except ValueError as error:
+            detail = str(error)
+            if detail in ("bad endpoint", "bad port"):
+                detail = f'expected an endpoint like "{example}"'
+            raise self.fail(key, f"{detail}, got {_shown(value)}") from None
+
+    def address(self, key: str, value: str) -> str:
+        try:
+            return normalize_address(value)
+        except InvalidAddress as error:
+            raise self.fail(key, str(error)) from None
+
+    def table_of(self, key: str) -> Mapping[str, Any]:
+        value = self._get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a table, got {_shown(value)}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            known = ", ".join(sorted(self.used))
+            raise self.fail(unknown[0], f"unknown setting (known: {known})")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# -- sections ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ServerConfig:
+    """``[server]``: who the gateway is and which domains are its own (the secure domain)."""
+
+    hostname: str = "localhost"
+    domains: tuple[str, ...] = ()
+
+    @classmethod
+    def read(cls, section: _Section) -> ServerConfig:
+        """Read this section, naming the setting in any error."""
+        hostname = section.string("hostname", "localhost")
+        if not re.match(r"^[A-Za-z0-9.-]+$", hostname):
+            raise section.fail("hostname", f"expected a host name, got {_shown(hostname)}")
+        domains = []
+        for domain in section.string_list("domains"):
+            domains.append(section.address("domains", f"postmaster@{domain}").partition("@")[2])
+        return cls(hostname=hostname, domains=tuple(domains))
+
+
+@attrs.frozen
+class ListenerConfig:
+    """The two listeners of a mail protocol: STARTTLS on the plain port, implicit TLS on the other.
+
+    An empty endpoint string disables that listener.
+    """
+
+    starttls: str
+    tls: str
+
+    @classmethod
+    def read(cls, section: _Section, starttls_port: int, tls_port: int) -> ListenerConfig:
+        """Read this section, naming the setting in any error."""
+        return cls(
+            starttls=section.listener("starttls", f"tcp:{starttls_port}"),
+            tls=section.listener("tls", f"tcp:{tls_port}"),
+        )
+
+
+@attrs.frozen
+class SmtpConfig:
+    """``[smtp]``: the submission listeners (587 STARTTLS, 465 implicit TLS) and their limits."""
+
+    listen: ListenerConfig = ListenerConfig("tcp:587", "tcp:465")
+    max_message_size: int = 50 * 1024 * 1024
+
+    @classmethod
+    def read(cls, section: _Section) -> SmtpConfig:
+        """Read this section, naming the setting in any error."""
+        return cls(
+            listen=ListenerConfig.read(section, 587, 465),
+            max_message_size=section.integer("max_message_size", 50 * 1024 * 1024, minimum=1024),
+        )
+
+
+@attrs.frozen
+class Pop3Config:
+    """``[pop3]``: POP3 with STLS (110) and POP3S (995)."""
+
+    listen: ListenerConfig = ListenerConfig("tcp:110", "tcp:995")
+
+    @classmethod
+    def read(cls, section: _Section) -> Pop3Config:
+        """Read this section, naming the setting in any error."""
+        return cls(listen=ListenerConfig.read(section, 110, 995))
+
+
+@attrs.frozen
+class ImapConfig:
+    """``[imap]``: IMAP with STARTTLS (143) and IMAPS (993)."""
+
+    listen: ListenerConfig = ListenerConfig("tcp:143", "tcp:993")
+
+    @classmethod
+    def read(cls, section: _Section) -> ImapConfig:
+        """Read this section, naming the setting in any error."""
+        return cls(listen=ListenerConfig.read(section, 143, 993))
+
+
+@attrs.frozen
+class TlsConfig:
+    """``[tls]``: the certificate clients see, and whether loopback may skip TLS.
+
+    ``allow_plaintext_on_loopback`` lets AUTH/LOGIN happen without TLS, but only for
+    connections from a loopback address (a local webmail or a test); everyone else must
+    use TLS before any password is sent.
+    """
+
+    certificate: Path
+    key: Path
+    allow_plaintext_on_loopback: bool = False
+
+    @classmethod
+    def read(cls, section: _Section) -> TlsConfig:
+        """Read this section, naming the setting in any error."""
+        return cls(
+            certificate=section.path("certificate", "keys/tls/server.crt"),
+            key=section.path("key", "keys/tls/server.key"),
+            allow_plaintext_on_loopback=section.boolean("allow_plaintext_on_loopback", False),
+        )
+
+
+@attrs.frozen
+class UpstreamConfig:
+    """``[upstream]``: the real mail server; all three unset means the embedded local store."""
+
+    smtp: UpstreamEndpoint | None = None
+    pop3: UpstreamEndpoint | None = None
+    imap: UpstreamEndpoint | None = None
+    ca_file: Path | None = None
+    timeout_seconds: float = 30.0
+
+    @property
+    def embedded(self) -> bool:
+        """True when Gatekeeper is its own mail system (no upstream configured)."""
+        return self.smtp is None and self.pop3 is None and self.imap is None
+
+    @classmethod
+    def read(cls, section: _Section) -> UpstreamConfig:
+        """Read this section, naming the setting in any error."""
+        mode = section.choice("mode", "proxy", ("proxy", "embedded"))
+        smtp = section.upstream("smtp", "starttls:mail.example.org:587")
+        pop3 = section.upstream("pop3", "tls:mail.example.org:995")
+        imap = section.upstream("imap", "tls:mail.example.org:993")
+        ca_file = section.optional_path("ca_file")
+        timeout = section.number("timeout_seconds", 30.0, minimum=1.0)
+        if mode == "embedded":
+            return cls(timeout_seconds=timeout)
+        configured = [name for name, value in (("smtp", smtp), ("pop3", pop3), ("imap", imap)) if value]
+        if configured and len(configured) != 3:
+            missing = sorted({"smtp", "pop3", "imap"} - set(configured))[0]
+            raise section.fail(missing, "set smtp, pop3 and imap together (or none, for the embedded store)")
+        return cls(smtp=smtp, pop3=pop3, imap=imap, ca_file=ca_file, timeout_seconds=timeout)
+
+
+@attrs.frozen
+class KeysConfig:
+    """``[keys]``: the key store, the built-in CA and how user keys are made and unlocked."""
+
+    store: Path
+    kdf_iterations: int = MIN_KDF_ITERATIONS
+    key_type: str = "rsa3072"
+    certificate_days: int = 730
+    ca_days: int = 3650
+    ca_passphrase_file: Path | None = None
+    ca_passphrase_env: str | None = None
+    unlock_cache_seconds: float = 300.0
+    kdf_threads: int = 4
+
+    @classmethod
+    def read(cls, section: _Section) -> KeysConfig:
+        """Read this section, naming the setting in any error."""
+        store = section.path("store", "keys")
+        passphrase_env = section.optional_string("ca_passphrase_env")
+        if passphrase_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", passphrase_env):
+            raise section.fail(
+                "ca_passphrase_env", f"expected an environment variable name, got {_shown(passphrase_env)}"
+            )
+        return cls(
+            store=store,
+            kdf_iterations=section.integer("kdf_iterations", MIN_KDF_ITERATIONS, minimum=MIN_KDF_ITERATIONS),
+            key_type=section.choice("key_type", "rsa3072", KEY_TYPES),
+            certificate_days=section.integer("certificate_days", 730, minimum=1, maximum=3650),
+            ca_days=section.integer("ca_days", 3650, minimum=30, maximum=36500),
+            ca_passphrase_file=section.optional_path("ca_passphrase_file"),
+            ca_passphrase_env=passphrase_env,
+            unlock_cache_seconds=section.number("unlock_cache_seconds", 300.0),
+            kdf_threads=section.integer("kdf_threads", 4, minimum=1, maximum=64),
+        )
+
+
+@attrs.frozen
+class LoginConfig:
+    """``[login]``: throttling of failed logins (per user and per client address)."""
+
+    free_failures: int = 3
+    backoff_base_seconds: float = 1.0
+    backoff_max_seconds: float = 300.0
+    forget_after_seconds: float = 3600.0
+
+    @classmethod
+    def read(cls, section: _Section) -> LoginConfig:
+        """Read this section, naming the setting in any error."""
+        return cls(
+            free_failures=section.integer("free_failures", 3, minimum=0),
+            backoff_base_seconds=section.number("backoff_base_seconds", 1.0),
+            backoff_max_seconds=section.number("backoff_max_seconds", 300.0),
+            forget_after_seconds=section.number("forget_after_seconds", 3600.0, minimum=1.0),
+        )
+
+
+@attrs.frozen
+class DirectoryConfig:
+    """``[directory]``: how recipients' certificates are discovered (the key manager)."""
+
+    order: tuple[str, ...] = ("keyring",)
+    cache_seconds: float = 3600.0
+    negative_cache_seconds: float = 300.0
+    timeout_seconds: float = 5.0
+
+    @classmethod
+    def read(cls, section: _Section) -> DirectoryConfig:
+        """Read this section, naming the setting in any error."""
+        order = section.string_list("order", ("keyring",))
+        for source in order:
+            if source not in ("keyring", "ldap", "external", "dns"):
+                known = "keyring, ldap, external, dns"
+                raise section.fail("order", f"unknown key source {_shown(source)} (known: {known})")
+        return cls(
+            order=order,
+            cache_seconds=section.number("cache_seconds", 3600.0),
+            negative_cache_seconds=section.number("negative_cache_seconds", 300.0),
+            timeout_seconds=section.number("timeout_seconds", 5.0, minimum=0.1),
+        )
+
+
+@attrs.frozen
+class PolicyConfig:
+    """``[policy]``: when encryption is mandatory and when mail is signed."""
+
+    default: str = "opportunistic"
+    sign: str = "always"
+
+    @classmethod
+    def read(cls, section: _Section) -> PolicyConfig:
+        """Read this section, naming the setting in any error."""
+        return cls(
+            default=section.choice("default", "opportunistic", ("opportunistic", "mandatory")),
+            sign=section.choice("sign", "always", ("always", "never")),
+        )
+
+
+@attrs.frozen
+class AdminConfig:
+    """``[admin]``: the administrative interfaces (all off unless given an endpoint)."""
+
+    manhole: str = ""
+    authorized_keys: Path | None = None
+
+    @classmethod
+    def read(cls, section: _Section) -> AdminConfig:
+        """Read this section, naming the setting in any error."""
+        return cls(
+            manhole=section.listener("manhole", ""),
+            authorized_keys=section.optional_path("authorized_keys"),
+        )
+
+
+_SECTIONS: dict[str, Callable[[_Section], Any]] = {
+    "server": ServerConfig.read,
+    "smtp": SmtpConfig.read,
+    "pop3": Pop3Config.read,
+    "imap": ImapConfig.read,
+    "tls": TlsConfig.read,
+    "upstream": UpstreamConfig.read,
+    "keys": KeysConfig.read,
+    "login": LoginConfig.read,
+    "directory": DirectoryConfig.read,
+    "policy": PolicyConfig.read,
+    "admin": AdminConfig.read,
+}
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration, one attribute per section."""
+
+    path: Path
+    server: ServerConfig
+    smtp: SmtpConfig
+    pop3: Pop3Config
+    imap: ImapConfig
+    tls: TlsConfig
+    upstream: UpstreamConfig
+    keys: KeysConfig
+    login: LoginConfig
+    directory: DirectoryConfig
+    policy: PolicyConfig
+    admin: AdminConfig
+
+
+def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = None) -> Config:
+    """Build a :class:`Config` from an already parsed TOML document."""
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown section (known: {', '.join(_SECTIONS)})", f"[{name}]")
+        if not isinstance(value, dict):
+            raise ConfigError("expected a section (a [table])", f"[{name}]")
+    sections = {}
+    for name, read in _SECTIONS.items():
+        section = _Section(name, data.get(name, {}), base_dir)
+        sections[name] = read(section)
+        section.finish()
+    return Config(path=path or base_dir / "gatekeeper.toml", **sections)
+
+
+def parse_config_text(text: str, base_dir: Path, path: Path | None = None) -> Config:
+    """Parse TOML text into a :class:`Config`; syntax errors name the line."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"not valid TOML: {error}", str(path or "config")) from None
+    return parse_config(data, base_dir, path)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check the configuration file at ``path``."""
+    config_path = Path(path).absolute()
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("configuration file not found", str(config_path)) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read the configuration file: {error}", str(config_path)) from None
+    return parse_config_text(text, config_path.parent, config_path)

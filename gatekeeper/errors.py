@@ -1,0 +1,89 @@
+"""One vocabulary of failures, shared by every layer.
+
+Errors are either *permanent* (retrying the same thing will fail again: a wrong
+password, a recipient without a certificate under a mandatory policy) or *temporary*
+(an outage: a directory that is down, an upstream that timed out). Adapters translate
+them once, at the edge: permanent to ``5xx``/``NO``/``-ERR``, temporary to
+``4xx``/``NO [UNAVAILABLE]``/``-ERR [SYS/TEMP]``.
+
+Messages are shown to users and written to logs: they never contain a password, a key
+or any part of a message body.
+"""
+
+from __future__ import annotations
+
+
+class GatekeeperError(Exception):
+    """Base of every error Gatekeeper raises on purpose."""
+
+    temporary: bool = False
+
+
+class PermanentError(GatekeeperError):
+    """Retrying the same operation will fail the same way."""
+
+
+class TemporaryError(GatekeeperError):
+    """An outage or a timeout: the client should try again later."""
+
+    temporary = True
+
+
+class ConfigError(PermanentError):
+    """A configuration value is missing or wrong.
+
+    ``path`` names the setting (``"[upstream] imap"``); ``str(error)`` is one line that
+    says what was expected and what was found.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.message = message
+        self.path = path
+
+
+class BadPassword(PermanentError):
+    """The password does not decrypt the private key (or the user does not exist).
+
+    The two cases are deliberately indistinguishable.
+    """
+
+
+class LoginThrottled(TemporaryError):
+    """Too many failed logins for this user or client address; try again later."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("too many failed logins; try again later")
+        self.retry_after = retry_after
+
+
+class UnknownUser(PermanentError):
+    """An administrative operation named a user the key store does not have."""
+
+
+class UserExists(PermanentError):
+    """An administrative operation tried to create a user that already exists."""
+
+
+class InvalidAddress(PermanentError):
+    """A string is not a usable e-mail address."""
+
+
+class KeyStoreError(PermanentError):
+    """The key store is damaged or cannot be written."""
+
+
+class NoCertificate(PermanentError):
+    """No trusted certificate was found for a recipient."""
+
+
+class PolicyRejected(PermanentError):
+    """The policy refuses to send this message to this recipient."""
+
+
+class SourceUnavailable(TemporaryError):
+    """A key source (a directory, DNS) could not be asked: down, slow or refusing."""
+
+
+class UpstreamUnavailable(TemporaryError):
+    """The upstream mail server could not be reached or timed out."""
