@@ -74,3 +74,16 @@ class IKeySource(Interface):
         "Not found" is an empty list; an outage or a timeout fails the Deferred with
         :class:`~gatekeeper.errors.SourceUnavailable`.
         """
+
+
+class ICertificatePublisher(Interface):
+    """Somewhere users' certificates are published for others to find (the PKI directory).
+
+    Publishing is separate from lookups: a lookup never writes.
+    """
+
+    def publish(address: str, certificate: x509.Certificate) -> None:
+        """Publish ``certificate`` as the current certificate of ``address`` (synchronous)."""
+
+    def unpublish(address: str) -> None:
+        """Remove every certificate published for ``address`` (synchronous)."""

@@ -1,0 +1,1 @@
+"""Keys: the encrypted key store, the built-in CA, and certificate discovery."""
