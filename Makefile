@@ -10,11 +10,12 @@ TRIAL_JOBS ?= 2
 $(BIN)/gatekeeper: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+	# compat mode puts the checkout itself on sys.path, where twistd finds twisted/plugins/.
+	$(BIN)/pip install -q -e . --config-settings editable_mode=compat
 	touch $@
 
 $(VENV)/.test-deps: $(BIN)/gatekeeper setup.py
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 venv: $(BIN)/gatekeeper

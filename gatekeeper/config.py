@@ -82,7 +82,7 @@ def parse_server_endpoint(description: str) -> str:
                 try:
                     ipaddress.ip_address(value.replace("\\:", ":"))
                 except ValueError:
-                    raise ValueError(f"interface must be an IP address, got {value!r}") from None
+                    raise ValueError("the interface must be an IP address") from None
     return description
 
 
@@ -444,28 +444,248 @@ class LoginConfig:
         )
 
 
+LDAP_ATTRIBUTES = ("userSMIMECertificate", "userCertificate;binary", "cACertificate;binary")
+KEY_SOURCES = ("keyring", "ldap", "external", "dns")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LDAP_URL_RE = re.compile(r"^(ldaps?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?/?$")
+_DN_RE = re.compile(r"^[^=]+=.*$")
+
+
+@attrs.frozen
+class LdapDirectoryConfig:
+    """One LDAP directory: ``[directory.ldap]`` (the organisation's PKI) or a ``[[directory.external]]``.
+
+    ``url`` is ``ldaps://host[:port]`` (implicit TLS) or ``ldap://host[:port]``, which
+    always upgrades with StartTLS: the server certificate is verified against
+    ``ca_file`` (or the system's CAs) and must name ``host`` or ``tls_name``. A
+    directory is never asked in the clear. ``filter`` contains ``{address}``, which is
+    replaced by the recipient address with LDAP filter escaping. ``domains`` restricts
+    the directory to recipients in those domains (and their subdomains); empty means
+    every recipient. ``writable`` lets ``user add``/``rotate``/``delete`` publish to it.
+    The bind password is read from ``bind_password_file`` or ``bind_password_env``.
+    """
+
+    name: str
+    url: str
+    base_dn: str
+    filter: str = "(mail={address})"
+    attributes: tuple[str, ...] = LDAP_ATTRIBUTES
+    bind_dn: str | None = None
+    bind_password_file: Path | None = None
+    bind_password_env: str | None = None
+    ca_file: Path | None = None
+    tls_name: str | None = None
+    domains: tuple[str, ...] = ()
+    writable: bool = False
+    size_limit: int = 20
+
+    @property
+    def host(self) -> str:
+        """The server's host name or IP address, from ``url``."""
+        match = _LDAP_URL_RE.match(self.url)
+        assert match is not None
+        return match.group(2).strip("[]")
+
+    @property
+    def port(self) -> int:
+        """The server's port, from ``url`` (636 for ldaps, 389 for ldap)."""
+        match = _LDAP_URL_RE.match(self.url)
+        assert match is not None
+        return int(match.group(3)) if match.group(3) else (636 if match.group(1) == "ldaps" else 389)
+
+    @property
+    def starttls(self) -> bool:
+        """True for ``ldap://`` URLs (StartTLS), False for ``ldaps://``."""
+        return self.url.startswith("ldap://")
+
+    @classmethod
+    def read(cls, section: _Section, name: str, *, external: bool) -> LdapDirectoryConfig:
+        """Read one directory's table, naming the setting in any error."""
+        url = section.string("url", "")
+        match = _LDAP_URL_RE.match(url)
+        if not match:
+            raise section.fail(
+                "url", f'expected "ldaps://host[:port]" or "ldap://host[:port]" (StartTLS), got {_shown(url)}'
+            )
+        if match.group(3) and not 1 <= int(match.group(3)) <= 65535:
+            raise section.fail("url", f"bad port in {_shown(url)}")
+        base_dn = section.string("base_dn", "")
+        if not _DN_RE.match(base_dn):
+            raise section.fail("base_dn", f'expected a DN like "ou=people,dc=example,dc=org", got {_shown(base_dn)}')
+        template = section.string("filter", "(mail={address})")
+        if "{address}" not in template or not (template.startswith("(") and template.endswith(")")):
+            raise section.fail("filter", f"expected an LDAP filter containing {{address}}, got {_shown(template)}")
+        if template.count("(") != template.count(")"):
+            raise section.fail("filter", f"unbalanced parentheses in {_shown(template)}")
+        attributes = section.string_list("attributes", LDAP_ATTRIBUTES)
+        if not attributes:
+            raise section.fail("attributes", "name at least one attribute holding certificates")
+        bind_dn = section.optional_string("bind_dn") or None
+        if bind_dn is not None and not _DN_RE.match(bind_dn):
+            raise section.fail(
+                "bind_dn", f'expected a DN like "cn=gatekeeper,dc=example,dc=org", got {_shown(bind_dn)}'
+            )
+        password_file = section.optional_path("bind_password_file")
+        password_env = section.optional_string("bind_password_env") or None
+        if password_env is not None and not _ENV_NAME_RE.match(password_env):
+            raise section.fail(
+                "bind_password_env", f"expected an environment variable name, got {_shown(password_env)}"
+            )
+        if password_file is not None and password_env is not None:
+            raise section.fail("bind_password_env", "set bind_password_file or bind_password_env, not both")
+        if (password_file or password_env) and bind_dn is None:
+            raise section.fail("bind_dn", "a bind password is configured but no bind_dn")
+        if section.has("bind_password"):
+            raise section.fail(
+                "bind_password",
+                "passwords are not kept in the configuration file: use bind_password_file or bind_password_env",
+            )
+        domains = []
+        for domain in section.string_list("domains"):
+            domains.append(section.address("domains", f"postmaster@{domain}").partition("@")[2])
+        if domains and not external:
+            raise section.fail("domains", "only external directories are restricted to domains")
+        writable = section.boolean("writable", False)
+        if writable and external:
+            raise section.fail("writable", "only [directory.ldap] (the organisation's directory) can be written")
+        if external:
+            name = section.string("name", name)
+            if not re.match(r"^[A-Za-z0-9_.-]{1,40}$", name):
+                raise section.fail("name", f"expected a short name (letters, digits, ._-), got {_shown(name)}")
+        tls_name = section.optional_string("tls_name") or None
+        return cls(
+            name=name,
+            url=url,
+            base_dn=base_dn,
+            filter=template,
+            attributes=attributes,
+            bind_dn=bind_dn,
+            bind_password_file=password_file,
+            bind_password_env=password_env,
+            ca_file=section.optional_path("ca_file"),
+            tls_name=tls_name,
+            domains=tuple(domains),
+            writable=writable,
+            size_limit=section.integer("size_limit", 20, minimum=1, maximum=1000),
+        )
+
+
+@attrs.frozen
+class DnsDirectoryConfig:
+    """``[directory.dns]``: SMIMEA (RFC 8162) lookups through a validating resolver.
+
+    Answers are used only when the resolver sets the AD (authenticated data) bit, so
+    the resolver must validate DNSSEC and the path to it must be trusted: a loopback
+    address, unless ``resolver_trusted = true`` says the network path is protected.
+    """
+
+    resolver: tuple[str, int] = ("127.0.0.1", 53)
+    resolver_trusted: bool = False
+
+    @classmethod
+    def read(cls, section: _Section) -> DnsDirectoryConfig:
+        """Read this table, naming the setting in any error."""
+        text = section.string("resolver", "127.0.0.1:53")
+        host, port = text, "53"
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            if rest:
+                port = rest[1:] if rest.startswith(":") else "bad"
+        elif text.count(":") == 1:
+            host, _, port = text.partition(":")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise section.fail("resolver", f'expected "IP:port" of a validating resolver, got {_shown(text)}') from None
+        if not _PORT_RE.match(port) or not 1 <= int(port) <= 65535:
+            raise section.fail("resolver", f"bad port in {_shown(text)}")
+        trusted = section.boolean("resolver_trusted", False)
+        if not address.is_loopback and not trusted:
+            raise section.fail(
+                "resolver",
+                f"{_shown(text)} is not a loopback address: the AD bit can be forged on the way; "
+                "use a local validating resolver or set resolver_trusted = true",
+            )
+        return cls(resolver=(str(address), int(port)), resolver_trusted=trusted)
+
+
 @attrs.frozen
 class DirectoryConfig:
-    """``[directory]``: how recipients' certificates are discovered (the key manager)."""
+    """``[directory]``: how recipients' certificates are discovered (the key manager).
+
+    ``order`` lists the key sources asked, first to last (default: the key ring, then
+    every source configured below). Answers are cached for ``cache_seconds`` when a
+    certificate was found, ``negative_cache_seconds`` when none was, and
+    ``incomplete_cache_seconds`` when a source could not be asked. Each source has
+    ``timeout_seconds`` to answer; one that failed is skipped for ``backoff_seconds``,
+    doubling up to ``backoff_max_seconds``. ``threads`` bounds the LDAP thread pool.
+    """
 
     order: tuple[str, ...] = ("keyring",)
     cache_seconds: float = 3600.0
     negative_cache_seconds: float = 300.0
     timeout_seconds: float = 5.0
+    incomplete_cache_seconds: float = 30.0
+    backoff_seconds: float = 5.0
+    backoff_max_seconds: float = 300.0
+    threads: int = 4
+    keyring: Path = Path("keyring")
+    ldap: LdapDirectoryConfig | None = None
+    external: tuple[LdapDirectoryConfig, ...] = ()
+    dns: DnsDirectoryConfig | None = None
 
     @classmethod
     def read(cls, section: _Section) -> DirectoryConfig:
-        """Read this section, naming the setting in any error."""
-        order = section.string_list("order", ("keyring",))
+        """Read this section and its ``ldap``, ``external`` and ``dns`` tables, naming the setting in any error."""
+        ldap = None
+        if section.has("ldap"):
+            sub = _Section(f"{section.name}.ldap", section.table_of("ldap"), section.base_dir)
+            ldap = LdapDirectoryConfig.read(sub, "ldap", external=False)
+            sub.finish()
+        external = []
+        tables = section._get("external", [])
+        if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
+            raise section.fail("external", f"expected [[directory.external]] tables, got {_shown(tables)}")
+        for index, table in enumerate(tables):
+            sub = _Section(f"{section.name}.external.{index}", table, section.base_dir)
+            external.append(LdapDirectoryConfig.read(sub, f"external-{index + 1}", external=True))
+            sub.finish()
+        names = [directory.name for directory in external]
+        if len(set(names)) != len(names):
+            raise section.fail("external", f"two external directories are named {_shown(sorted(names)[0])}")
+        dns = None
+        if section.has("dns"):
+            sub = _Section(f"{section.name}.dns", section.table_of("dns"), section.base_dir)
+            dns = DnsDirectoryConfig.read(sub)
+            sub.finish()
+        configured = {"keyring": True, "ldap": ldap is not None, "external": bool(external), "dns": dns is not None}
+        default_order = tuple(source for source in KEY_SOURCES if configured[source])
+        order = section.string_list("order", default_order)
         for source in order:
-            if source not in ("keyring", "ldap", "external", "dns"):
-                known = "keyring, ldap, external, dns"
-                raise section.fail("order", f"unknown key source {_shown(source)} (known: {known})")
+            if source not in KEY_SOURCES:
+                raise section.fail("order", f"unknown key source {_shown(source)} (known: {', '.join(KEY_SOURCES)})")
+            if not configured[source]:
+                table = "[[directory.external]]" if source == "external" else f"[directory.{source}]"
+                raise section.fail("order", f"{_shown(source)} is listed but {table} is not configured")
+        if len(set(order)) != len(order):
+            raise section.fail("order", "a key source is listed twice")
+        backoff = section.number("backoff_seconds", 5.0, minimum=0.1)
+        backoff_max = section.number("backoff_max_seconds", 300.0, minimum=0.1)
+        if backoff_max < backoff:
+            raise section.fail("backoff_max_seconds", f"must be at least backoff_seconds ({backoff})")
         return cls(
             order=order,
             cache_seconds=section.number("cache_seconds", 3600.0),
             negative_cache_seconds=section.number("negative_cache_seconds", 300.0),
             timeout_seconds=section.number("timeout_seconds", 5.0, minimum=0.1),
+            incomplete_cache_seconds=section.number("incomplete_cache_seconds", 30.0),
+            backoff_seconds=backoff,
+            backoff_max_seconds=backoff_max,
+            threads=section.integer("threads", 4, minimum=1, maximum=64),
+            keyring=section.path("keyring", "keyring"),
+            ldap=ldap,
+            external=tuple(external),
+            dns=dns,
         )
 
 

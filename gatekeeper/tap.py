@@ -1,0 +1,218 @@
+"""``twistd gatekeeper``: parse the configuration, then build the services.
+
+The only module that imports the global reactor and wires the parts together. Every
+problem found while parsing (the TOML file, the TLS certificate and key, the key store)
+becomes one :class:`~twisted.python.usage.UsageError` naming the setting, before any
+socket is opened.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.application.service import IService, MultiService, Service
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
+from twisted.internet.ssl import CertificateOptions
+from twisted.logger import Logger
+from twisted.mail import imap4, pop3, smtp
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from gatekeeper import imap as imap_adapter
+from gatekeeper import pop3 as pop3_adapter
+from gatekeeper import smtp as smtp_adapter
+from gatekeeper.auth import GatekeeperRealm, KeyUnlockingChecker, SessionRegistry, UnlockCache
+from gatekeeper.config import DEFAULT_CONFIG_PATH, Config, ListenerConfig, load_config
+from gatekeeper.errors import GatekeeperError
+from gatekeeper.keys import accounts
+from gatekeeper.keys.ca import read_passphrase
+from gatekeeper.keys.store import FileKeyStore
+from gatekeeper.throttle import LoginThrottle
+from gatekeeper.tls import server_tls_options
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd gatekeeper``."""
+
+    synopsis = "[--config FILE]"
+    optParameters = [["config", "c", DEFAULT_CONFIG_PATH, "The configuration file (TOML)."]]
+
+    def postOptions(self) -> None:
+        """Read and check everything the services need, or fail with one clear line."""
+        try:
+            self["prepared"] = prepare(load_config(self["config"]))
+        except GatekeeperError as error:
+            raise usage.UsageError(str(error)) from None
+
+
+@attrs.frozen
+class Prepared:
+    """What parsing produced: the configuration and the loaded TLS context."""
+
+    config: Config
+    tls: CertificateOptions
+    store: FileKeyStore
+
+
+def prepare(config: Config) -> Prepared:
+    """Load the TLS certificate and key and open the key store; raise on any problem."""
+    store_root = config.keys.store
+    if not store_root.is_dir():
+        raise GatekeeperError(
+            f"[keys] store: no key store at {store_root}; run `gatekeeper --config {config.path} init` first"
+        )
+    try:
+        certificate_pem = config.tls.certificate.read_bytes()
+        key_pem = config.tls.key.read_bytes()
+    except OSError as error:
+        raise GatekeeperError(
+            f"[tls] certificate/key: cannot read {error.filename} ({error.strerror}); "
+            f"`gatekeeper init` creates a self-signed pair"
+        ) from None
+    tls = server_tls_options(certificate_pem, key_pem, read_passphrase(config))
+    return Prepared(config=config, tls=tls, store=FileKeyStore(store_root))
+
+
+def makeService(options: Options) -> IService:
+    """Build the gateway on the global reactor (twistd's entry point)."""
+    from twisted.internet import reactor
+
+    return build_service(options["prepared"], reactor)
+
+
+class ThreadPoolService(Service):
+    """Starts a thread pool with the application and stops it on shutdown."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        """Start the pool's threads."""
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Deferred[None] | None:
+        """Stop the pool, waiting for running jobs."""
+        super().stopService()
+        self.pool.stop()
+        return None
+
+
+class ListenerService(Service):
+    """Listens on one endpoint; a port that cannot be opened stops the gateway with a clear message."""
+
+    def __init__(self, reactor: IReactorCore, description: str, factory: IProtocolFactory, what: str) -> None:
+        self._reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.what = what
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        """Open the port (before twistd drops privileges)."""
+        super().privilegedStartService()
+        endpoint = serverFromString(self._reactor, self.description)
+        d = endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        address = port.getHost()
+        log.info(
+            "{what} listening on {host}:{port}",
+            what=self.what,
+            host=getattr(address, "host", "?"),
+            port=getattr(address, "port", "?"),
+        )
+
+    def _failed(self, failure: Failure) -> None:
+        log.critical(
+            "cannot listen for {what} on {endpoint}: {reason}; stopping",
+            what=self.what,
+            endpoint=self.description,
+            reason=failure.getErrorMessage(),
+        )
+        self._reactor.callWhenRunning(self._reactor.stop)
+
+    def stopService(self) -> Deferred[None] | None:
+        """Close the port."""
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+def build_service(prepared: Prepared, reactor: Any) -> MultiService:
+    """Wire the gateway: one checker, one portal per protocol, two listeners per protocol."""
+    config = prepared.config
+    top = MultiService()
+    kdf_pool = ThreadPool(minthreads=0, maxthreads=config.keys.kdf_threads, name="gatekeeper-kdf")
+    ThreadPoolService(kdf_pool).setServiceParent(top)
+
+    store = prepared.store
+    checker = KeyUnlockingChecker(
+        store=store,
+        reactor=reactor,
+        pool=kdf_pool,
+        cache=UnlockCache(reactor, config.keys.unlock_cache_seconds),
+        throttle=LoginThrottle(
+            reactor,
+            free_failures=config.login.free_failures,
+            base_seconds=config.login.backoff_base_seconds,
+            max_seconds=config.login.backoff_max_seconds,
+            forget_after=config.login.forget_after_seconds,
+        ),
+        unlock=accounts.unlock,
+        dummy_unlock=lambda: accounts.dummy_unlock(config.keys.kdf_iterations),
+        record_login=lambda address: store.record_login(address),
+    )
+    sessions = SessionRegistry(reactor)
+    top.sessions = sessions  # type: ignore[attr-defined]
+
+    def portal(interface: Any, make_avatar: Any) -> Portal:
+        return Portal(GatekeeperRealm(interface, make_avatar, sessions), [checker])
+
+    plaintext = config.tls.allow_plaintext_on_loopback
+    smtp_factory = smtp_adapter.SubmissionFactory(
+        portal(smtp.IMessageDelivery, smtp_adapter.make_delivery_avatar()),
+        prepared.tls,
+        hostname=config.server.hostname,
+        allow_plaintext_on_loopback=plaintext,
+    )
+    pop3_factory = pop3_adapter.Pop3Factory(
+        portal(pop3.IMailbox, pop3_adapter.make_mailbox_avatar()), prepared.tls, allow_plaintext_on_loopback=plaintext
+    )
+    imap_factory = imap_adapter.ImapFactory(
+        portal(imap4.IAccount, imap_adapter.make_account_avatar()), prepared.tls, allow_plaintext_on_loopback=plaintext
+    )
+    for what, listeners, factory in (
+        ("SMTP", config.smtp.listen, smtp_factory),
+        ("POP3", config.pop3.listen, pop3_factory),
+        ("IMAP", config.imap.listen, imap_factory),
+    ):
+        _add_listeners(top, reactor, what, listeners, factory, prepared.tls)
+    return top
+
+
+def _add_listeners(
+    parent: MultiService,
+    reactor: Any,
+    what: str,
+    listeners: ListenerConfig,
+    factory: IProtocolFactory,
+    tls: CertificateOptions,
+) -> None:
+    if listeners.starttls:
+        ListenerService(reactor, listeners.starttls, factory, f"{what} (STARTTLS)").setServiceParent(parent)
+    if listeners.tls:
+        wrapped = TLSMemoryBIOFactory(tls, False, factory)
+        ListenerService(reactor, listeners.tls, wrapped, f"{what} (TLS)").setServiceParent(parent)
