@@ -721,6 +721,32 @@ class AdminConfig:
         )
 
 
+@attrs.frozen
+class TrustConfig:
+    """``[trust]``: the certification authorities whose certificates are trusted, and local CRLs.
+
+    ``anchors`` are PEM/DER files (a PEM file may hold several certificates),
+    ``anchor_dirs`` directories of such files; the built-in CA is trusted in addition.
+    ``system_anchors`` adds the operating system's bundle (off: the public web PKI is not
+    an S/MIME PKI). ``crls`` are CRL files (PEM or DER) checked for every chain.
+    """
+
+    anchors: tuple[Path, ...] = ()
+    anchor_dirs: tuple[Path, ...] = ()
+    system_anchors: bool = False
+    crls: tuple[Path, ...] = ()
+
+    @classmethod
+    def read(cls, section: _Section) -> TrustConfig:
+        """Read this section, naming the setting in any error."""
+        return cls(
+            anchors=tuple(section.resolve("anchors", p) for p in section.string_list("anchors")),
+            anchor_dirs=tuple(section.resolve("anchor_dirs", p) for p in section.string_list("anchor_dirs")),
+            system_anchors=section.boolean("system_anchors", False),
+            crls=tuple(section.resolve("crls", p) for p in section.string_list("crls")),
+        )
+
+
 _SECTIONS: dict[str, Callable[[_Section], Any]] = {
     "server": ServerConfig.read,
     "smtp": SmtpConfig.read,
@@ -733,6 +759,7 @@ _SECTIONS: dict[str, Callable[[_Section], Any]] = {
     "directory": DirectoryConfig.read,
     "policy": PolicyConfig.read,
     "admin": AdminConfig.read,
+    "trust": TrustConfig.read,
 }
 
 
@@ -752,6 +779,7 @@ class Config:
     directory: DirectoryConfig
     policy: PolicyConfig
     admin: AdminConfig
+    trust: TrustConfig = TrustConfig()
 
 
 def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = None) -> Config:
