@@ -29,7 +29,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -220,7 +220,7 @@ class KeyUnlockingChecker:
         self,
         *,
         store: IKeyStore,
-        reactor: IReactorThreads,
+        reactor: IReactorFromThreads,
         pool: ThreadPool,
         cache: UnlockCache,
         throttle: LoginThrottle,

@@ -56,6 +56,16 @@ class Pop3Server(pop3.POP3):
         self.successResponse(b"Gatekeeper POP3 ready")
         self.setTimeout(self.timeOut)
 
+    def state_COMMAND(self, line: bytes) -> None:
+        """Dispatch one command; a bad or premature command is an answer, not a logged traceback."""
+        try:
+            self.processCommand(*line.split(b" "))
+        except pop3.POP3Error as error:
+            self.failResponse(b" ".join(error.args) if error.args else b"command failed")
+        except (TypeError, ValueError):
+            # Wrong number of arguments or a bad message number: the client's mistake.
+            self.failResponse(b"bad command arguments")
+
     def listCapabilities(self) -> list[bytes]:
         """CAPA: what this server does, in the current state of the connection."""
         capabilities = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING", b"IMPLEMENTATION Gatekeeper"]
@@ -170,16 +180,25 @@ class Pop3Factory(ServerFactory):
     noisy = False
 
     def __init__(
-        self, portal: Portal, context_factory: CertificateOptions | None, *, allow_plaintext_on_loopback: bool = False
+        self,
+        portal: Portal,
+        context_factory: CertificateOptions | None,
+        *,
+        allow_plaintext_on_loopback: bool = False,
+        scheduler: Callable[[Any], Any] | None = None,
     ) -> None:
+        """``scheduler`` replaces Twisted's cooperator for writing listings (tests pass ``list``)."""
         self.portal = portal
         self.context_factory = context_factory
         self.allow_plaintext_on_loopback = allow_plaintext_on_loopback
+        self.scheduler = scheduler
 
     def buildProtocol(self, addr: IAddress | None) -> Pop3Server:  # type: ignore[override]
         """Give the new connection its own view of the portal."""
         protocol = Pop3Server(self.context_factory, allow_plaintext_on_loopback=self.allow_plaintext_on_loopback)
         protocol.factory = self  # type: ignore[assignment]
+        if self.scheduler is not None:
+            protocol.schedule = self.scheduler  # type: ignore[assignment]
         protocol.portal = connection_portal(self.portal, "pop3", protocol, addr)  # type: ignore[assignment]
         return protocol
 

@@ -63,11 +63,12 @@ class SubmissionServer(smtp.ESMTP):
         else:
             self.sendCode(454, b"4.7.0 Temporary authentication failure")
 
-    def validateFrom(self, helo: tuple[bytes, bytes], origin: smtp.Address) -> Any:
-        """Nobody relays without logging in."""
+    def do_MAIL(self, rest: bytes) -> None:
+        """Nobody sends without logging in (RFC 4954's 530)."""
         if self.delivery is None:
-            raise smtp.SMTPBadSender(origin, 530, b"5.7.0 Authentication required")
-        return super().validateFrom(helo, origin)
+            self.sendCode(530, b"5.7.0 Authentication required")
+            return
+        super().do_MAIL(rest)
 
 
 class SubmissionFactory(ServerFactory):
@@ -116,12 +117,12 @@ class SubmissionDelivery:
         """``MAIL FROM`` must be the logged-in user (or the null sender for bounces)."""
         sender = str(origin)
         if sender and not same_address(sender, self.identity.address):
-            raise smtp.SMTPBadSender(origin, 553, b"5.7.1 Sender address does not belong to the logged-in user")
+            raise smtp.SMTPBadSender(origin, 553, "5.7.1 Sender address does not belong to the logged-in user")
         return origin
 
     def validateTo(self, user: smtp.User) -> Callable[[], smtp.IMessage]:
         """Relaying is not available in this version: refuse with a temporary error."""
-        raise smtp.SMTPBadRcpt(user, 451, b"4.3.2 Relaying is not available yet, try again later")
+        raise smtp.SMTPBadRcpt(user, 451, "4.3.2 Relaying is not available yet, try again later")
 
 
 def make_delivery_avatar() -> AvatarFactory:

@@ -9,16 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 
+@implementer(IReactorFromThreads)
 class ImmediateReactor(Clock):
     """A :class:`Clock` whose ``callFromThread`` runs the call immediately."""
 
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run ``f`` now (there is only one thread)."""
-        f(*args, **kwargs)
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
+        """Run the call now (there is only one thread)."""
+        callable(*args, **kwargs)
 
 
 class ImmediatePool:
