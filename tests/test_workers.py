@@ -1,0 +1,99 @@
+"""The worker-process pool: results, errors, crashes, back-pressure, and a free reactor."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import LoopingCall
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from gatekeeper.errors import BadPassword
+from gatekeeper.workers import InlineWorkerPool, WorkerCrashed, WorkerPool, WorkersBusy
+
+
+def worker_pid() -> int:
+    return os.getpid()
+
+
+def echo(data: bytes, *, times: int = 1) -> bytes:
+    return data * times
+
+
+def fail_with_bad_password() -> None:
+    raise BadPassword("no")
+
+
+def die() -> None:
+    os._exit(3)
+
+
+def hold_the_gil(seconds: float) -> int:
+    """Pure-Python busy loop: in a thread it would freeze the reactor."""
+    deadline = time.perf_counter() + seconds
+    count = 0
+    while time.perf_counter() < deadline:
+        count += 1
+    return count
+
+
+class WorkerPoolTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.pool = WorkerPool(reactor, processes=2, max_queue=4)
+        self.addCleanup(self.pool.stop)
+
+    async def _job(self, function, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return await self.pool.run(function, *args, **kwargs)
+
+    def run_job(self, function, *args, **kwargs) -> Deferred:  # type: ignore[no-untyped-def,type-arg]
+        return ensureDeferred(self._job(function, *args, **kwargs))
+
+    async def test_runs_in_another_process(self) -> None:
+        pid = await self.pool.run(worker_pid)
+        self.assertNotEqual(pid, os.getpid())
+        self.assertEqual(await self.pool.run(echo, b"ab", times=3), b"ababab")
+        self.assertEqual(self.pool.pending, 0)
+
+    async def test_exceptions_come_back_unchanged(self) -> None:
+        with self.assertRaises(BadPassword):
+            await self.pool.run(fail_with_bad_password)
+
+    async def test_a_crashed_worker_is_a_temporary_error_and_the_pool_recovers(self) -> None:
+        with self.assertRaises(WorkerCrashed) as caught:
+            await self.pool.run(die)
+        self.assertTrue(caught.exception.temporary)
+        self.assertEqual(await self.pool.run(echo, b"x"), b"x")
+
+    async def test_back_pressure(self) -> None:
+        jobs = [self.run_job(hold_the_gil, 0.3) for _ in range(4)]
+        with self.assertRaises(WorkersBusy):
+            await self.pool.run(echo, b"x")
+        for job in jobs:
+            await job
+
+    async def test_reactor_keeps_ticking_while_workers_hold_the_gil(self) -> None:
+        await self.pool.run(worker_pid)  # processes started
+        ticks: list[float] = []
+        loop = LoopingCall(lambda: ticks.append(time.perf_counter()))
+        loop.start(0.005)
+        try:
+            await ensureDeferred(self._job(hold_the_gil, 0.5))
+        finally:
+            loop.stop()
+        gaps = [b - a for a, b in itertools.pairwise(ticks)]
+        self.assertGreater(len(ticks), 20)
+        self.assertLess(max(gaps), 0.1)
+
+
+class InlineWorkerPoolTests(SynchronousTestCase):
+    def test_runs_inline_and_counts(self) -> None:
+        pool = InlineWorkerPool()
+        result = self.successResultOf(ensureDeferred(pool.run(worker_pid)))
+        self.assertEqual(result, os.getpid())
+        self.failureResultOf(ensureDeferred(pool.run(fail_with_bad_password)), BadPassword)
+        self.assertEqual(pool.jobs, 2)
