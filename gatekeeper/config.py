@@ -619,6 +619,7 @@ class DirectoryConfig:
     ``incomplete_cache_seconds`` when a source could not be asked. Each source has
     ``timeout_seconds`` to answer; one that failed is skipped for ``backoff_seconds``,
     doubling up to ``backoff_max_seconds``. ``threads`` bounds the LDAP thread pool.
+    The key ring itself is kept in the key store (``<[keys] store>/keyring``).
     """
 
     order: tuple[str, ...] = ("keyring",)
@@ -629,7 +630,6 @@ class DirectoryConfig:
     backoff_seconds: float = 5.0
     backoff_max_seconds: float = 300.0
     threads: int = 4
-    keyring: Path = Path("keyring")
     ldap: LdapDirectoryConfig | None = None
     external: tuple[LdapDirectoryConfig, ...] = ()
     dns: DnsDirectoryConfig | None = None
@@ -682,7 +682,6 @@ class DirectoryConfig:
             backoff_seconds=backoff,
             backoff_max_seconds=backoff_max,
             threads=section.integer("threads", 4, minimum=1, maximum=64),
-            keyring=section.path("keyring", "keyring"),
             ldap=ldap,
             external=tuple(external),
             dns=dns,

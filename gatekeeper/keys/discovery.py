@@ -9,18 +9,24 @@ reactor, the trust validator and the key store.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
 from twisted.python.threadpool import ThreadPool
 
-from gatekeeper.config import DirectoryConfig
+from gatekeeper.config import DirectoryConfig, KeysConfig
 from gatekeeper.interfaces import IKeySource, IKeyStore
 from gatekeeper.keys.cache import CachingDirectory, SourceGuard
 from gatekeeper.keys.directory import KeyDirectory, Validator
 from gatekeeper.keys.dns import SmimeaSource
 from gatekeeper.keys.keyring import KeyRing, KeyRingSource
 from gatekeeper.keys.ldap import LdapPublisher, LdapSource, read_bind_password
+
+
+def keyring_path(keys: KeysConfig) -> Path:
+    """Where the key ring lives: ``keyring`` inside the key store (as ``gatekeeper cert`` uses it)."""
+    return keys.store / "keyring"
 
 
 def make_threadpool(config: DirectoryConfig) -> ThreadPool:
@@ -69,15 +75,17 @@ def build_key_manager(
     reactor: Any,
     threadpool: ThreadPool,
     validator: Validator,
+    keyring: KeyRing,
     store: IKeyStore | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> KeyManager:
     """Build the sources named in ``config.order``, each guarded, behind one cache.
 
-    ``reactor`` provides time, threads, UDP and TCP. Bind passwords are read here
+    ``reactor`` provides time, threads, UDP and TCP; ``keyring`` is the key ring in
+    the key store (:func:`keyring_path`), ``store`` the key store whose users'
+    current certificates the key ring source adds. Bind passwords are read here
     (from file or environment); a missing one is a :class:`~gatekeeper.errors.ConfigError`.
     """
-    keyring = KeyRing(config.keyring)
     sources: list[IKeySource] = []
     ldap_sources: list[LdapSource] = []
     for name in config.order:
