@@ -49,6 +49,10 @@ class BadPassword(PermanentError):
     """
 
 
+class InvalidPassword(PermanentError):
+    """A new password cannot be used (empty, too long, or holding a NUL character)."""
+
+
 class LoginThrottled(TemporaryError):
     """Too many failed logins for this user or client address; try again later."""
 

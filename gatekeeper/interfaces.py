@@ -30,12 +30,34 @@ class StoredKey:
 
 
 @attrs.frozen
+class PendingKey:
+    """A key pair made without the user's password (an administrator's rotation).
+
+    ``wrapped`` is the new private key encrypted to the public key of the stored key
+    ``sealed_to`` (see :mod:`gatekeeper.keys.accounts`); the next login, which knows
+    the password, seals it like the others and makes it the current key.
+    """
+
+    key_id: str
+    certificate: x509.Certificate
+    wrapped: bytes
+    sealed_to: str
+    created: datetime.datetime
+
+
+@attrs.frozen
 class StoredUser:
-    """A user of the gateway and all their key pairs, the current one first."""
+    """A user of the gateway and all their key pairs, the current one first.
+
+    ``pending`` holds rotations waiting for the next login (newest first); while there
+    are any, the newest pending certificate is the one to publish and encrypt to.
+    """
 
     address: str
     keys: tuple[StoredKey, ...]
     created: datetime.datetime
+    pending: tuple[PendingKey, ...] = ()
+    last_login: datetime.datetime | None = None
 
     @property
     def current(self) -> StoredKey:
