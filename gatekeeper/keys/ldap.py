@@ -61,7 +61,7 @@ from zope.interface import implementer
 
 from gatekeeper.address import normalize_address
 from gatekeeper.config import LdapDirectoryConfig
-from gatekeeper.errors import ConfigError, PermanentError, SourceUnavailable
+from gatekeeper.errors import ConfigError, InvalidAddress, PermanentError, SourceUnavailable
 from gatekeeper.interfaces import ICertificatePublisher, IKeySource
 from gatekeeper.keys.directory import Candidate, SourceAnswer
 from gatekeeper.keys.keyring import CertificateFormatError, load_certificates
@@ -138,13 +138,22 @@ class LdapConnector:
             )
         except LDAPSSLConfigurationError:
             raise ConfigError(f"cannot read the CA file {config.ca_file}", f"{_section(config)} ca_file") from None
-        self.server = Server(
-            host,
-            port=config.port,
-            use_ssl=not config.starttls,
-            tls=tls,
+        self.tls = tls
+
+    def server(self) -> Server:
+        """A fresh ldap3 Server for one new connection.
+
+        ldap3 marks a server address that failed as unavailable for several seconds, in
+        the Server object; a new one per connection leaves availability to our own
+        back-off, so a directory that is back is used at once.
+        """
+        return Server(
+            self.config.host,
+            port=self.config.port,
+            use_ssl=not self.config.starttls,
+            tls=self.tls,
             get_info=NONE,
-            connect_timeout=timeout,
+            connect_timeout=self.timeout,
         )
 
     def __repr__(self) -> str:
@@ -156,7 +165,7 @@ class LdapConnector:
         authenticated = self.config.bind_dn is not None
         try:
             return Connection(
-                self.server,
+                self.server(),
                 user=self.config.bind_dn,
                 password=self._password if authenticated else None,
                 authentication=SIMPLE if authenticated else ANONYMOUS,
@@ -227,8 +236,13 @@ class LdapSource:
         return deferToThreadPool(self.reactor, self.threadpool, self.search, address)
 
     def search(self, address: str) -> SourceAnswer:
-        """The blocking search (runs in a worker thread; callable directly from scripts)."""
-        address = normalize_address(address)
+        """The blocking search (runs in a worker thread; callable directly from scripts).
+
+        The address is used as given (the directory normalises before asking); the
+        filter escaping alone keeps it from changing the filter's meaning.
+        """
+        if not address or len(address) > 320:
+            raise InvalidAddress("refusing to search for an empty or overlong address")
         query = search_filter(self.config.filter, address)
         return self._with_connection(lambda connection: self._search(connection, query))
 
