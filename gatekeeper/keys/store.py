@@ -152,6 +152,7 @@ class FileLock:
         except OSError as error:
             raise KeyStoreError(f"cannot open the lock file {self.path}: {error.strerror}") from None
         try:
+            os.fchmod(fd, 0o600)  # the umask may have taken the owner's write bit
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             held[self._key] = exclusive
             try:
