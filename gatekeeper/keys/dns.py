@@ -29,7 +29,7 @@ import secrets
 import idna
 from cryptography import x509
 from twisted.internet import error as net_error
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
@@ -96,6 +96,12 @@ class _UdpQuery(DatagramProtocol):
             self.result.callback(message)
 
     def connectionRefused(self) -> None:
+        if not self.result.called:
+            self.result.errback(net_error.ConnectionRefusedError("resolver port closed"))
+
+    def stopProtocol(self) -> None:
+        # With epoll, an ICMP "port unreachable" on a connected UDP socket closes the port
+        # instead of calling connectionRefused: the port stopping before an answer means that.
         if not self.result.called:
             self.result.errback(net_error.ConnectionRefusedError("resolver port closed"))
 
@@ -205,7 +211,7 @@ class SmimeaSource:
                 response = await self._tcp(data, message_id)
         except (net_error.ConnectError, net_error.ConnectionLost, net_error.CannotListenError) as error:
             raise SourceUnavailable(f"{self.name}: cannot reach the resolver {self._where()}: {error}") from None
-        except net_error.TimeoutError:
+        except (TimeoutError, net_error.TimeoutError):
             raise SourceUnavailable(f"{self.name}: no answer from the resolver {self._where()}") from None
         return response
 
