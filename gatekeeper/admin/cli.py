@@ -48,6 +48,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gatekeeper.admin.user_cmd",
     "gatekeeper.admin.cert_cmd",
     "gatekeeper.admin.smime_cmd",
+    "gatekeeper.admin.lookup_cmd",
 )
 
 MAX_PASSWORD_FILE = 4096
