@@ -316,7 +316,9 @@ class KeyUnlockingChecker:
             raise BadPassword("authentication failed")
         result = self._unlock(user, password)
         if result.updated_user is not None:
-            self._store.put_user(result.updated_user)
+            # A completed pending rotation; if an admin changed the user meanwhile, drop it
+            # (the next login completes whatever is pending then).
+            self._store.put_user_if_unchanged(user, result.updated_user)
         identity: Identity = result.identity
         return identity
 

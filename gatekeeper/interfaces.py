@@ -84,6 +84,9 @@ class IKeyStore(Interface):
     def delete_user(address: str) -> None:
         """Remove the user and every key file; raises UnknownUser if absent."""
 
+    def put_user_if_unchanged(expected: StoredUser, user: StoredUser) -> bool:
+        """Write ``user`` only if the stored record still equals ``expected``; report whether it did."""
+
 
 class IKeySource(Interface):
     """One place certificates for recipients can be found (the key ring, LDAP, DNS)."""

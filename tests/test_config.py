@@ -189,7 +189,7 @@ class TwistdErrorTests(SynchronousTestCase):
     """``twistd gatekeeper`` with a bad file prints one line naming the key; no traceback."""
 
     def test_twistd_reports_config_error_without_traceback(self) -> None:
-        path = Path(self.mktemp())
+        path = Path(self.mktemp()).absolute()
         path.write_text('[upstream]\nimap = "imap.example.org"\n')
         result = subprocess.run(
             [str(Path(sys.executable).parent / "twistd"), "-n", "gatekeeper", "--config", str(path)],

@@ -33,6 +33,13 @@ class MemoryKeyStore:
         self.writes += 1
         self._users[address_key(user.address)] = user
 
+    def put_user_if_unchanged(self, expected: StoredUser, user: StoredUser) -> bool:
+        """Write ``user`` only if the stored record is still ``expected``."""
+        if self._users.get(address_key(expected.address)) != expected:
+            return False
+        self.put_user(user)
+        return True
+
     def delete_user(self, address: str) -> None:
         """Remove a user; UnknownUser if absent."""
         if self._users.pop(address_key(address), None) is None:
