@@ -8,6 +8,7 @@ socket is opened.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -31,7 +32,7 @@ from gatekeeper.auth import GatekeeperRealm, KeyUnlockingChecker, SessionRegistr
 from gatekeeper.config import DEFAULT_CONFIG_PATH, Config, ListenerConfig, load_config
 from gatekeeper.errors import GatekeeperError
 from gatekeeper.keys import accounts
-from gatekeeper.keys.ca import read_passphrase
+from gatekeeper.keys.ca import load_tls_private_key
 from gatekeeper.keys.store import FileKeyStore
 from gatekeeper.throttle import LoginThrottle
 from gatekeeper.tls import server_tls_options
@@ -71,13 +72,12 @@ def prepare(config: Config) -> Prepared:
         )
     try:
         certificate_pem = config.tls.certificate.read_bytes()
-        key_pem = config.tls.key.read_bytes()
     except OSError as error:
         raise GatekeeperError(
-            f"[tls] certificate/key: cannot read {error.filename} ({error.strerror}); "
-            f"`gatekeeper init` creates a self-signed pair"
+            f"[tls] certificate: cannot read {error.filename} ({error.strerror}); "
+            f"`gatekeeper init` creates one issued by the built-in CA"
         ) from None
-    tls = server_tls_options(certificate_pem, key_pem, read_passphrase(config))
+    tls = server_tls_options(certificate_pem, load_tls_private_key(config))
     return Prepared(config=config, tls=tls, store=FileKeyStore(store_root))
 
 
@@ -103,6 +103,19 @@ class ThreadPoolService(Service):
         """Stop the pool, waiting for running jobs."""
         super().stopService()
         self.pool.stop()
+        return None
+
+
+class StopAction(Service):
+    """Runs a cleanup when the application stops (e.g. dropping unlocked keys from memory)."""
+
+    def __init__(self, action: Callable[[], object]) -> None:
+        self.action = action
+
+    def stopService(self) -> Deferred[None] | None:
+        """Run the action."""
+        super().stopService()
+        self.action()
         return None
 
 
@@ -159,11 +172,13 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     ThreadPoolService(kdf_pool).setServiceParent(top)
 
     store = prepared.store
+    cache = UnlockCache(reactor, config.keys.unlock_cache_seconds)
+    StopAction(cache.drop).setServiceParent(top)
     checker = KeyUnlockingChecker(
         store=store,
         reactor=reactor,
         pool=kdf_pool,
-        cache=UnlockCache(reactor, config.keys.unlock_cache_seconds),
+        cache=cache,
         throttle=LoginThrottle(
             reactor,
             free_failures=config.login.free_failures,
@@ -173,7 +188,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         ),
         unlock=accounts.unlock,
         dummy_unlock=lambda: accounts.dummy_unlock(config.keys.kdf_iterations),
-        record_login=lambda address: store.record_login(address),
+        record_login=store.record_login,
     )
     sessions = SessionRegistry(reactor)
     top.sessions = sessions  # type: ignore[attr-defined]

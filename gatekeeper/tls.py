@@ -10,7 +10,6 @@ import ipaddress
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import crypto
 from twisted.internet.interfaces import IAddress, ISSLTransport, ITransport
 from twisted.internet.ssl import CertificateOptions, TLSVersion
@@ -18,8 +17,10 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 from gatekeeper.errors import ConfigError
 
 
-def server_tls_options(certificate_pem: bytes, key_pem: bytes, passphrase: bytes | None) -> CertificateOptions:
-    """Build the server context factory from a PEM chain (leaf first) and its key.
+def server_tls_options(
+    certificate_pem: bytes, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+) -> CertificateOptions:
+    """Build the server context factory from a PEM chain (leaf first) and its (decrypted) key.
 
     TLS 1.2 is the minimum; Twisted's defaults choose the ciphers. Problems raise
     :class:`ConfigError` naming the ``[tls]`` setting, without key material.
@@ -28,12 +29,6 @@ def server_tls_options(certificate_pem: bytes, key_pem: bytes, passphrase: bytes
         chain = x509.load_pem_x509_certificates(certificate_pem)
     except ValueError:
         raise ConfigError("not a PEM certificate (chain)", "[tls] certificate") from None
-    try:
-        key = load_pem_private_key(key_pem, passphrase)
-    except (ValueError, TypeError):
-        raise ConfigError("cannot load the private key (wrong passphrase or not a PEM key)", "[tls] key") from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise ConfigError("the TLS key must be RSA or EC", "[tls] key")
     certificate_key = chain[0].public_key()
     if not isinstance(certificate_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey) or (
         key.public_key().public_numbers() != certificate_key.public_numbers()
