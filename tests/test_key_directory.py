@@ -151,6 +151,13 @@ class KeyDirectoryTests(SynchronousTestCase):
         self.assertFalse(result.found)
         self.assertEqual((result.refused[0].status, result.refused[0].reasons), ("weak", ("weak key",)))
 
+    def test_weak_accepted_when_allowed_but_ranked_after_valid(self) -> None:
+        ldap = FakeKeySource("ldap", {"bob@example.org": [NEW.certificate, OLD.certificate]})
+        keys = KeyDirectory(
+            [ldap], FakeValidator([CA.certificate], weak=[NEW.certificate]), clock=Clock(), accept_weak=True
+        )
+        self.assertEqual(self.lookup(keys).certificates, (OLD.certificate, NEW.certificate))
+
     def test_dane_ee_overrules_only_untrusted(self) -> None:
         dns = FakeKeySource("dns", {"dave@example.org": [SELF_SIGNED.certificate]}, dane_ee=[SELF_SIGNED.certificate])
         result = self.lookup(directory(dns), "dave@example.org")

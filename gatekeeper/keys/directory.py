@@ -279,7 +279,8 @@ class KeyDirectory:
     ``find_detailed(address) -> Deferred[SourceAnswer]`` (used instead of ``find``) and
     a ``domains`` tuple restricting it to recipients in those domains. CA certificates
     a source returns are passed to the validator as intermediates, not used as
-    recipients' certificates.
+    recipients' certificates. Only VALID certificates are used; ``accept_weak`` also
+    lets WEAK ones through (SHA-1 or short keys in the chain), ranked after valid ones.
     """
 
     def __init__(
@@ -288,10 +289,12 @@ class KeyDirectory:
         validator: Validator,
         *,
         clock: IReactorTime,
+        accept_weak: bool = False,
     ) -> None:
         self.sources = tuple(sources)
         self.validator = validator
         self.clock = clock
+        self.accept_weak = accept_weak
 
     def lookup(self, address: str) -> Deferred[LookupResult]:
         """Find the certificate to encrypt to ``address``; never fails for an outage.
@@ -368,6 +371,7 @@ class KeyDirectory:
         intermediates = [c.certificate for c in answer.candidates if is_ca_certificate(c.certificate)]
         seen: set[str] = set()
         usable: list[x509.Certificate] = []
+        weak: list[x509.Certificate] = []
         chains: dict[str, tuple[x509.Certificate, ...]] = {}
         refused: list[RefusedCandidate] = []
         now = datetime.datetime.now(datetime.UTC)
@@ -389,6 +393,10 @@ class KeyDirectory:
                 usable.append(certificate)
                 chains[digest] = tuple(result.chain)
                 continue
+            if self.accept_weak and result.status.name == "WEAK":
+                weak.append(certificate)
+                chains[digest] = tuple(result.chain)
+                continue
             status = result.status.name.lower()
             if candidate.dane_ee and result.status.name == "UNTRUSTED":
                 problems = dane_ee_problems(certificate, address, now)
@@ -400,4 +408,5 @@ class KeyDirectory:
                 continue
             refused.append(RefusedCandidate(source, certificate, status, tuple(result.reasons)))
         usable.sort(key=_preference, reverse=True)
-        return usable, chains, refused, len(seen)
+        weak.sort(key=_preference, reverse=True)
+        return usable + weak, chains, refused, len(seen)
