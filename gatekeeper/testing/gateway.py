@@ -72,7 +72,7 @@ class GatewayHarness:
         for child in self.service:
             if isinstance(child, ListenerService) and child.what == f"{protocol.upper()} {suffix}":
                 assert child.port is not None, f"{child.what} is not listening"
-                return int(child.port.getHost().port)
+                return int(getattr(child.port.getHost(), "port"))  # noqa: B009 - IAddress has no port
         raise KeyError(f"no {protocol} {kind} listener")
 
     def client_context(self) -> ssl.SSLContext:
