@@ -231,23 +231,28 @@ def _decode_oid(value: bytes) -> str:
 # -- the writer ----------------------------------------------------------------------
 
 
+_SHORT_LENGTHS = tuple(bytes((n,)) for n in range(0x80))
+
+
 def encode_length(length: int) -> bytes:
     """The DER length octets for ``length`` content octets."""
     if length < 0x80:
-        return bytes((length,))
+        return _SHORT_LENGTHS[length]
     body = length.to_bytes((length.bit_length() + 7) // 8, "big")
     return bytes((0x80 | len(body),)) + body
 
 
 def header(tag: int, length: int) -> bytes:
     """Identifier and length octets, for content that is written separately."""
+    if length < 0x80:
+        return bytes((tag, length))
     return bytes((tag,)) + encode_length(length)
 
 
 def tlv(tag: int, *parts: bytes) -> bytes:
     """A complete DER element whose contents are ``parts`` joined."""
-    content = b"".join(parts)
-    return bytes((tag,)) + encode_length(len(content)) + content
+    content = parts[0] if len(parts) == 1 else b"".join(parts)
+    return header(tag, len(content)) + content
 
 
 def sequence(*parts: bytes) -> bytes:

@@ -9,6 +9,7 @@ only: whether the signer's certificate is trusted is :mod:`gatekeeper.trust`'s q
 from __future__ import annotations
 
 import datetime
+import functools
 import hmac
 from collections.abc import Sequence
 
@@ -54,7 +55,6 @@ def capabilities_attribute_value(names: Sequence[str]) -> bytes:
     return der.sequence(*entries)
 
 
-_DEFAULT_CAPABILITIES_VALUE = capabilities_attribute_value(alg.DEFAULT_CAPABILITIES)
 
 
 def _time(moment: datetime.datetime) -> bytes:
@@ -68,17 +68,32 @@ def _attribute(dotted: str, value: bytes) -> bytes:
     return der.sequence(der.oid(dotted), der.tlv(der.SET, value))
 
 
+_CONTENT_TYPE_ATTRIBUTE = _attribute(alg.ID_CONTENT_TYPE, der.oid(alg.ID_DATA))
+
+
+@functools.lru_cache(maxsize=64)
+def _capabilities_attribute(names: tuple[str, ...]) -> bytes:
+    return _attribute(alg.ID_SMIME_CAPABILITIES, capabilities_attribute_value(names))
+
+
+@functools.lru_cache(maxsize=1024)
 def issuer_and_serial(certificate: x509.Certificate) -> bytes:
-    """The DER IssuerAndSerialNumber naming ``certificate``."""
+    """The DER IssuerAndSerialNumber naming ``certificate`` (cached: certificates are immutable)."""
     return der.sequence(certificate.issuer.public_bytes(), der.integer(certificate.serial_number))
 
 
-def _signing_certificate_v2(certificate_der: bytes) -> bytes:
+@functools.lru_cache(maxsize=256)
+def _signer_constants(certificate: x509.Certificate, chain: tuple[x509.Certificate, ...]) -> tuple[bytes, bytes]:
+    """The signingCertificateV2 attribute and the ``[0]`` certificate set of a signer, encoded once."""
+    certificate_der = certificate.public_bytes(serialization.Encoding.DER)
     digest = hashes.Hash(hashes.SHA256())
     digest.update(certificate_der)
     # ESSCertIDv2 with the default hash (SHA-256, so omitted in DER) and no issuerSerial.
     cert_id = der.sequence(der.octet_string(digest.finalize()))
-    return der.sequence(der.sequence(cert_id))
+    attribute = _attribute(alg.ID_SIGNING_CERTIFICATE_V2, der.sequence(der.sequence(cert_id)))
+    certificates = [certificate_der]
+    certificates.extend(c.public_bytes(serialization.Encoding.DER) for c in chain if c != certificate)
+    return attribute, der.tlv(der.context(0), *certificates)
 
 
 def digest_of(content: Sequence[Content], digest: alg.Digest) -> bytes:
@@ -118,21 +133,16 @@ def sign_parts(
         signature_identifier = alg.PSS_IDENTIFIERS[chosen.name] if scheme == "pss" else alg.RSA_ENCRYPTION_IDENTIFIER
     else:
         raise UnsupportedAlgorithm("only RSA and EC keys can sign")
-    certificate_der = certificate.public_bytes(serialization.Encoding.DER)
+    signing_certificate, certificate_set = _signer_constants(certificate, tuple(chain))
     when = signing_time or datetime.datetime.now(datetime.UTC)
     attributes = [
-        _attribute(alg.ID_CONTENT_TYPE, der.oid(alg.ID_DATA)),
+        _CONTENT_TYPE_ATTRIBUTE,
         _attribute(alg.ID_SIGNING_TIME, _time(when)),
         _attribute(alg.ID_MESSAGE_DIGEST, der.octet_string(digest_of(content, chosen))),
-        _attribute(alg.ID_SIGNING_CERTIFICATE_V2, _signing_certificate_v2(certificate_der)),
+        signing_certificate,
     ]
     if capabilities:
-        value = (
-            _DEFAULT_CAPABILITIES_VALUE
-            if tuple(capabilities) == alg.DEFAULT_CAPABILITIES
-            else capabilities_attribute_value(capabilities)
-        )
-        attributes.append(_attribute(alg.ID_SMIME_CAPABILITIES, value))
+        attributes.append(_capabilities_attribute(tuple(capabilities)))
     signed_attributes = der.der_set(attributes)
     signature = _sign(private_key, signed_attributes, chosen, scheme)
     digest_identifier = alg.digest_identifier(chosen)
@@ -144,10 +154,8 @@ def sign_parts(
         signature_identifier,
         der.octet_string(signature),
     )
-    certificates = [certificate_der]
-    certificates.extend(c.public_bytes(serialization.Encoding.DER) for c in chain if c != certificate)
     head = der.integer(1) + der.tlv(der.SET, digest_identifier)
-    tail = der.tlv(der.context(0), *certificates) + der.tlv(der.SET, signer_info)
+    tail = certificate_set + der.tlv(der.SET, signer_info)
     if detached:
         body = head + der.sequence(der.oid(alg.ID_DATA)) + tail
         return [der.sequence(der.oid(alg.ID_SIGNED_DATA), der.tlv(der.context(0), der.sequence(body)))]
