@@ -164,6 +164,9 @@ class Opened:
 # -- canonical form and MIME helpers ---------------------------------------------------
 
 
+_CANONICAL_CHUNK = 1024 * 1024
+
+
 def canonicalize(message: bytes) -> bytes:
     """Return ``message`` with every line ending as CRLF (unchanged, not copied, if it already is).
 
@@ -173,13 +176,31 @@ def canonicalize(message: bytes) -> bytes:
         raise LimitExceeded("the message is too large")
     if b"\r" not in message:
         return message.replace(b"\n", b"\r\n") if b"\n" in message else message
-    # Rejoining the lines with CRLF is both the check and the conversion, all in C
-    # (counting CR, LF and CRLF separately costs twice as much on a 64 KB message).
-    lines = message.splitlines()
-    if message.endswith((b"\r", b"\n")):
+    start = 0
+    while start < len(message):
+        # Check a megabyte at a time, cut after a LF so that no CRLF is split: the check
+        # then never holds more than a chunk's lines, whatever the size of the message.
+        end = len(message)
+        if end - start > _CANONICAL_CHUNK:
+            cut = message.rfind(b"\n", start, start + _CANONICAL_CHUNK)
+            end = cut + 1 if cut > start else start + _CANONICAL_CHUNK
+        if not _is_canonical(message[start:end] if start or end < len(message) else message):
+            return _to_crlf(message)
+        start = end
+    return message
+
+
+def _is_canonical(chunk: bytes) -> bool:
+    # Rejoining the lines with CRLF is the fastest exact check in C (counting CR, LF and
+    # CRLF separately costs twice as much on a 64 KB message).
+    lines = chunk.splitlines()
+    if chunk.endswith((b"\r", b"\n")):
         lines.append(b"")
-    canonical = b"\r\n".join(lines)
-    return message if canonical == message else canonical
+    return b"\r\n".join(lines) == chunk
+
+
+def _to_crlf(message: bytes) -> bytes:
+    return message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
 def _split(entity: Content) -> tuple[bytes, int]:

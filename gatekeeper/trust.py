@@ -204,6 +204,22 @@ class TrustValidator:
         at: datetime.datetime | None = None,
     ) -> TrustResult:
         """Check ``certificate`` for ``purpose`` (and ``address``, when given) at time ``at``."""
+        try:
+            return self._validate(certificate, purpose, address, extra_intermediates, at)
+        except ValueError:
+            # cryptography parses extensions lazily: a damaged one surfaces here.
+            return TrustResult(TrustStatus.UNTRUSTED, ("a certificate of the chain is malformed",), (certificate,))
+
+    def _validate(
+        self,
+        certificate: x509.Certificate,
+        purpose: str,
+        address: str | None,
+        extra_intermediates: Sequence[x509.Certificate],
+        at: datetime.datetime | None,
+    ) -> TrustResult:
+        if purpose not in ("sign", "encrypt"):
+            raise TypeError(f"unknown purpose {purpose!r}")
         moment = at or self._now()
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=datetime.UTC)
@@ -329,7 +345,7 @@ class TrustValidator:
         if purpose == "sign":
             if usage is not None and not (usage.digital_signature or usage.content_commitment):
                 result = result.with_problem(TrustStatus.UNUSABLE, "the certificate's key usage does not allow signing")
-        elif purpose == "encrypt":
+        else:
             if isinstance(key, rsa.RSAPublicKey):
                 allowed = usage is None or usage.key_encipherment
             elif isinstance(key, ec.EllipticCurvePublicKey):
@@ -340,8 +356,6 @@ class TrustValidator:
                 result = result.with_problem(
                     TrustStatus.UNUSABLE, "the certificate's key usage does not allow encryption"
                 )
-        else:
-            raise ValueError(f"unknown purpose {purpose!r}")
         try:
             eku = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
             if ExtendedKeyUsageOID.EMAIL_PROTECTION not in eku and _ANY_EKU not in eku:

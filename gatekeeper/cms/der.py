@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
+from pyasn1.error import PyAsn1Error
+
 from gatekeeper.cms.errors import LimitExceeded, Malformed
 
 MAX_DEPTH = 48
@@ -298,3 +300,6 @@ def algorithm(dotted: str, parameters: bytes | None = None) -> bytes:
 
 
 NULL_DER = b"\x05\x00"
+
+# What pyasn1 raises on hostile input: its own error, and a few plain ones it lets through.
+ASN1_ERRORS: tuple[type[Exception], ...] = (PyAsn1Error, ValueError, TypeError, IndexError, KeyError, AttributeError)

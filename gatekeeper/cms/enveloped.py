@@ -25,11 +25,11 @@ from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pyasn1.codec.ber import decoder as ber_decoder
 from pyasn1.codec.der import encoder as der_encoder
-from pyasn1.error import PyAsn1Error
 from pyasn1_modules import rfc4055, rfc5084, rfc5280, rfc5753
 
 from gatekeeper.cms import algorithms as alg
 from gatekeeper.cms import der
+from gatekeeper.cms.der import ASN1_ERRORS
 from gatekeeper.cms.errors import LimitExceeded, Malformed, NotForMe, Tampered, UnsupportedAlgorithm
 from gatekeeper.cms.signed import (
     Content,
@@ -380,7 +380,7 @@ def _oaep_padding(params: bytes | None) -> padding.OAEP:
                 label, _ = ber_decoder.decode(bytes(decoded["pSourceFunc"]["parameters"]))
                 if bytes(label):
                     raise UnsupportedAlgorithm("RSA-OAEP with a label is not supported")
-        except (PyAsn1Error, ValueError, TypeError):
+        except ASN1_ERRORS:
             raise Malformed("malformed RSA-OAEP parameters") from None
     return padding.OAEP(
         mgf=padding.MGF1(alg.digest_by_oid(mgf_oid).new()), algorithm=alg.digest_by_oid(hash_oid).new(), label=None
@@ -509,7 +509,7 @@ def _iv(params: bytes, size: int) -> bytes:
 def _gcm_parameters(params: bytes) -> tuple[bytes, int | None]:
     try:
         decoded, rest = ber_decoder.decode(params, asn1Spec=rfc5084.GCMParameters())
-    except (PyAsn1Error, ValueError, TypeError):
+    except ASN1_ERRORS:
         raise Malformed("malformed AES-GCM parameters") from None
     nonce = bytes(decoded["aes-nonce"])
     if not 8 <= len(nonce) <= 64 or rest:

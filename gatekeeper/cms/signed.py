@@ -20,11 +20,11 @@ from cryptography.exceptions import UnsupportedAlgorithm as CryptoUnsupported
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from pyasn1.codec.ber import decoder as ber_decoder
-from pyasn1.error import PyAsn1Error
 from pyasn1_modules import rfc4055, rfc5751
 
 from gatekeeper.cms import algorithms as alg
 from gatekeeper.cms import der
+from gatekeeper.cms.der import ASN1_ERRORS
 from gatekeeper.cms.errors import LimitExceeded, Malformed, UnsupportedAlgorithm
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -53,8 +53,6 @@ def capabilities_attribute_value(names: Sequence[str]) -> bytes:
         else:
             entries.append(der.algorithm(dotted))
     return der.sequence(*entries)
-
-
 
 
 def _time(moment: datetime.datetime) -> bytes:
@@ -304,7 +302,7 @@ def _read_certificates(buf: memoryview, element: der.Element) -> list[x509.Certi
             raise LimitExceeded("too many certificates in the message")
         try:
             found.append(x509.load_der_x509_certificate(der.raw(buf, child)))
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             raise Malformed("a certificate in the message is malformed") from None
     return found
 
@@ -327,14 +325,20 @@ def find_certificate(
     if sid.tag == der.SEQUENCE:
         issuer, serial = _issuer_serial(buf, sid)
         for certificate in certificates:
-            if certificate.serial_number == serial and certificate.issuer.public_bytes() == issuer:
-                return certificate
+            try:
+                if certificate.serial_number == serial and certificate.issuer.public_bytes() == issuer:
+                    return certificate
+            except ValueError:
+                continue  # a damaged certificate names nobody
         return None
     if sid.tag in (der.context(0, constructed=False), der.OCTET_STRING):
         key_id = bytes(buf[sid.start : sid.end])
         for certificate in certificates:
-            if hmac.compare_digest(subject_key_identifier(certificate), key_id):
-                return certificate
+            try:
+                if hmac.compare_digest(subject_key_identifier(certificate), key_id):
+                    return certificate
+            except ValueError:
+                continue
         return None
     raise Malformed("malformed signer or recipient identifier")
 
@@ -405,9 +409,10 @@ def _verify_signer(
         problem = problem or "the signer's certificate is not in the message"
     elif problem is None:
         problem = _check_signature(certificate, signature, signed_bytes, digest, scheme, pss)
-        key = certificate.public_key()
-        if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-            weak.append(f"the signer's RSA key has only {key.key_size} bits")
+        if problem is None:
+            key = certificate.public_key()
+            if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+                weak.append(f"the signer's RSA key has only {key.key_size} bits")
     return SignerResult(
         certificate=certificate,
         digest_algorithm=digest.name,
@@ -442,7 +447,7 @@ def _pss_padding(params: bytes | None, digest: alg.Digest) -> padding.PSS:
         raise UnsupportedAlgorithm("RSASSA-PSS with default (SHA-1) parameters is not supported")
     try:
         decoded, _ = ber_decoder.decode(params, asn1Spec=rfc4055.RSASSA_PSS_params())
-    except (PyAsn1Error, ValueError, TypeError):
+    except ASN1_ERRORS:
         raise Malformed("malformed RSASSA-PSS parameters") from None
     hash_oid = alg.DIGESTS["sha1"].oid
     if decoded["hashAlgorithm"].isValue:
@@ -454,7 +459,7 @@ def _pss_padding(params: bytes | None, digest: alg.Digest) -> padding.PSS:
             raise UnsupportedAlgorithm("unsupported RSASSA-PSS mask generation function")
         try:
             mgf_params, _ = ber_decoder.decode(bytes(mgf["parameters"]), asn1Spec=rfc4055.HashAlgorithm())
-        except (PyAsn1Error, ValueError, TypeError):
+        except ASN1_ERRORS:
             raise Malformed("malformed RSASSA-PSS parameters") from None
         mgf_hash = str(mgf_params["algorithm"])
     if hash_oid != digest.oid:
@@ -473,9 +478,9 @@ def _check_signature(
     scheme: str,
     pss: padding.PSS | None,
 ) -> str | None:
-    key = certificate.public_key()
     joined = b"".join(data)
     try:
+        key = certificate.public_key()
         if scheme == "ecdsa":
             if not isinstance(key, ec.EllipticCurvePublicKey):
                 return "the signature algorithm does not fit the signer's key"
@@ -544,7 +549,7 @@ def _read_capabilities(value: tuple[memoryview, der.Element] | None) -> tuple[st
     buf, element = value
     try:
         decoded, _ = ber_decoder.decode(der.raw(buf, element), asn1Spec=rfc5751.SMIMECapabilities())
-    except (PyAsn1Error, ValueError, TypeError):
+    except ASN1_ERRORS:
         raise Malformed("malformed SMIMECapabilities") from None
     names = []
     for capability in decoded:
@@ -560,7 +565,7 @@ def _oaep_capability(params: bytes) -> str:
     try:
         decoded, _ = ber_decoder.decode(params, asn1Spec=rfc4055.RSAES_OAEP_params())
         hash_oid = str(decoded["hashFunc"]["algorithm"]) if decoded["hashFunc"].isValue else alg.DIGESTS["sha1"].oid
-    except (PyAsn1Error, ValueError, TypeError):
+    except ASN1_ERRORS:
         return "rsa-oaep"
     if hash_oid == alg.DIGESTS["sha256"].oid:
         return "rsa-oaep"
