@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import UnsupportedAlgorithm as CryptoUnsupported
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -206,8 +207,8 @@ class TrustValidator:
         """Check ``certificate`` for ``purpose`` (and ``address``, when given) at time ``at``."""
         try:
             return self._validate(certificate, purpose, address, extra_intermediates, at)
-        except ValueError:
-            # cryptography parses extensions lazily: a damaged one surfaces here.
+        except (ValueError, CryptoUnsupported):
+            # cryptography parses extensions and keys lazily: damage surfaces here.
             return TrustResult(TrustStatus.UNTRUSTED, ("a certificate of the chain is malformed",), (certificate,))
 
     def _validate(

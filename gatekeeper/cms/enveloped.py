@@ -9,6 +9,7 @@ parameters with or without the explicit ICV length.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 from collections.abc import Sequence
@@ -121,7 +122,7 @@ def envelope_parts(
     if written != cipher_length:
         raise AssertionError("ciphertext length mismatch")
     ciphertext = view[:cipher_length]
-    any_v2 = any(r.by_key_identifier or _is_ec(r.certificate) for r in recipients)
+    any_v2 = any(r.by_key_identifier or not _recipient_template(r)[1] for r in recipients)
     version = der.integer(0 if chosen.mode == "gcm" or not any_v2 else 2)
     algorithm_id = der.algorithm(chosen.oid, parameters)
     content_header = der.header(der.context(0, constructed=False), cipher_length)
@@ -151,29 +152,37 @@ def envelope(content: bytes, recipients: Sequence[Recipient], *, cipher: str = "
     return b"".join(envelope_parts([content], recipients, cipher=cipher))
 
 
-def _is_ec(certificate: x509.Certificate) -> bool:
-    return isinstance(certificate.public_key(), ec.EllipticCurvePublicKey)
-
-
-def _recipient_info(recipient: Recipient, key: bytes) -> bytes:
+@functools.lru_cache(maxsize=1024)
+def _recipient_template(recipient: Recipient) -> tuple[object, bytes, bytes]:
+    """A recipient's public key, its identifier prefix (version and rid) and key-encryption identifier."""
     public_key = recipient.certificate.public_key()
     if isinstance(public_key, rsa.RSAPublicKey):
         if recipient.key_transport == "rsa-oaep":
-            oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-            encrypted, identifier = public_key.encrypt(key, oaep), alg.OAEP_SHA256_IDENTIFIER
+            identifier = alg.OAEP_SHA256_IDENTIFIER
         elif recipient.key_transport == "rsa-pkcs1v15":
-            encrypted, identifier = public_key.encrypt(key, padding.PKCS1v15()), alg.RSA_ENCRYPTION_IDENTIFIER
+            identifier = alg.RSA_ENCRYPTION_IDENTIFIER
         else:
             raise UnsupportedAlgorithm(f"unknown key transport {recipient.key_transport!r}")
         if recipient.by_key_identifier:
             rid = der.tlv(der.context(0, constructed=False), subject_key_identifier(recipient.certificate))
-            version = der.integer(2)
-        else:
-            rid, version = issuer_and_serial(recipient.certificate), der.integer(0)
-        return der.sequence(version, rid, identifier, der.octet_string(encrypted))
+            return public_key, der.integer(2) + rid, identifier
+        return public_key, der.integer(0) + issuer_and_serial(recipient.certificate), identifier
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return public_key, b"", b""
+    raise UnsupportedAlgorithm("a recipient's certificate has a key type that cannot receive mail")
+
+
+_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+_PKCS1V15 = padding.PKCS1v15()
+
+
+def _recipient_info(recipient: Recipient, key: bytes) -> bytes:
+    public_key, prefix, identifier = _recipient_template(recipient)
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return _key_agreement_info(recipient, public_key, key)
-    raise UnsupportedAlgorithm("a recipient's certificate has a key type that cannot receive mail")
+    assert isinstance(public_key, rsa.RSAPublicKey)
+    pad = _OAEP if identifier is alg.OAEP_SHA256_IDENTIFIER else _PKCS1V15
+    return der.sequence(prefix, identifier, der.octet_string(public_key.encrypt(key, pad)))
 
 
 def _shared_info(wrap_identifier: bytes, ukm: bytes | None, key_size: int) -> bytes:

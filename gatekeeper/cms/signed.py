@@ -94,6 +94,51 @@ def _signer_constants(certificate: x509.Certificate, chain: tuple[x509.Certifica
     return attribute, der.tlv(der.context(0), *certificates)
 
 
+@attrs.frozen
+class _SignerTemplate:
+    """Everything of a SignerInfo that does not change from one message to the next."""
+
+    digest: alg.Digest
+    attributes: tuple[bytes, ...]  # contentType, signingCertificateV2, SMIMECapabilities
+    signer_prefix: bytes  # version, issuerAndSerialNumber, digestAlgorithm
+    signature_identifier: bytes
+    head: bytes  # SignedData version and digestAlgorithms
+    certificate_set: bytes
+
+
+@functools.lru_cache(maxsize=256)
+def _signer_template(
+    certificate: x509.Certificate,
+    chain: tuple[x509.Certificate, ...],
+    digest: str,
+    scheme: str,
+    capabilities: tuple[str, ...],
+    ecdsa: bool,
+) -> _SignerTemplate:
+    chosen = alg.digest_by_name(digest)
+    if chosen.name not in alg.SIGNING_DIGESTS:
+        raise UnsupportedAlgorithm(f"refusing to sign with {chosen.name} (use one of {', '.join(alg.SIGNING_DIGESTS)})")
+    if scheme not in SIGNATURE_SCHEMES:
+        raise UnsupportedAlgorithm(f"unknown signature scheme {scheme!r} (known: pkcs1v15, pss)")
+    if ecdsa:
+        signature_identifier = der.algorithm(alg.ECDSA_OID_BY_DIGEST[chosen.name])
+    else:
+        signature_identifier = alg.PSS_IDENTIFIERS[chosen.name] if scheme == "pss" else alg.RSA_ENCRYPTION_IDENTIFIER
+    signing_certificate, certificate_set = _signer_constants(certificate, chain)
+    attributes = [_CONTENT_TYPE_ATTRIBUTE, signing_certificate]
+    if capabilities:
+        attributes.append(_capabilities_attribute(capabilities))
+    digest_identifier = alg.digest_identifier(chosen)
+    return _SignerTemplate(
+        digest=chosen,
+        attributes=tuple(attributes),
+        signer_prefix=der.integer(1) + issuer_and_serial(certificate) + digest_identifier,
+        signature_identifier=signature_identifier,
+        head=der.integer(1) + der.tlv(der.SET, digest_identifier),
+        certificate_set=certificate_set,
+    )
+
+
 def digest_of(content: Sequence[Content], digest: alg.Digest) -> bytes:
     """Hash the concatenation of ``content`` pieces without joining them."""
     hasher = hashes.Hash(digest.new())
@@ -120,40 +165,32 @@ def sign_parts(
     be base64-encoded or encrypted without ever being copied. ``content`` is a list of
     pieces too (e.g. MIME headers and a body), hashed in order.
     """
-    chosen = alg.digest_by_name(digest)
-    if chosen.name not in alg.SIGNING_DIGESTS:
-        raise UnsupportedAlgorithm(f"refusing to sign with {chosen.name} (use one of {', '.join(alg.SIGNING_DIGESTS)})")
-    if scheme not in SIGNATURE_SCHEMES:
-        raise UnsupportedAlgorithm(f"unknown signature scheme {scheme!r} (known: pkcs1v15, pss)")
-    if isinstance(private_key, ec.EllipticCurvePrivateKey):
-        signature_identifier = der.algorithm(alg.ECDSA_OID_BY_DIGEST[chosen.name])
-    elif isinstance(private_key, rsa.RSAPrivateKey):
-        signature_identifier = alg.PSS_IDENTIFIERS[chosen.name] if scheme == "pss" else alg.RSA_ENCRYPTION_IDENTIFIER
-    else:
+    template = _signer_template(
+        certificate,
+        tuple(chain),
+        digest,
+        scheme,
+        tuple(capabilities) if capabilities else (),
+        isinstance(private_key, ec.EllipticCurvePrivateKey),
+    )
+    if not isinstance(private_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         raise UnsupportedAlgorithm("only RSA and EC keys can sign")
-    signing_certificate, certificate_set = _signer_constants(certificate, tuple(chain))
     when = signing_time or datetime.datetime.now(datetime.UTC)
     attributes = [
-        _CONTENT_TYPE_ATTRIBUTE,
         _attribute(alg.ID_SIGNING_TIME, _time(when)),
-        _attribute(alg.ID_MESSAGE_DIGEST, der.octet_string(digest_of(content, chosen))),
-        signing_certificate,
+        _attribute(alg.ID_MESSAGE_DIGEST, der.octet_string(digest_of(content, template.digest))),
+        *template.attributes,
     ]
-    if capabilities:
-        attributes.append(_capabilities_attribute(tuple(capabilities)))
     signed_attributes = der.der_set(attributes)
-    signature = _sign(private_key, signed_attributes, chosen, scheme)
-    digest_identifier = alg.digest_identifier(chosen)
+    signature = _sign(private_key, signed_attributes, template.digest, scheme)
     signer_info = der.sequence(
-        der.integer(1),
-        issuer_and_serial(certificate),
-        digest_identifier,
+        template.signer_prefix,
         b"\xa0" + signed_attributes[1:],  # [0] IMPLICIT: same encoding, context tag
-        signature_identifier,
+        template.signature_identifier,
         der.octet_string(signature),
     )
-    head = der.integer(1) + der.tlv(der.SET, digest_identifier)
-    tail = certificate_set + der.tlv(der.SET, signer_info)
+    head = template.head
+    tail = template.certificate_set + der.tlv(der.SET, signer_info)
     if detached:
         body = head + der.sequence(der.oid(alg.ID_DATA)) + tail
         return [der.sequence(der.oid(alg.ID_SIGNED_DATA), der.tlv(der.context(0), der.sequence(body)))]
