@@ -184,6 +184,8 @@ def canonicalize(message: bytes) -> bytes:
         if end - start > _CANONICAL_CHUNK:
             cut = message.rfind(b"\n", start, start + _CANONICAL_CHUNK)
             end = cut + 1 if cut > start else start + _CANONICAL_CHUNK
+            if message[end - 1 : end + 1] == b"\r\n":
+                end += 1  # a line longer than a chunk: never cut between CR and LF
         if not _is_canonical(message[start:end] if start or end < len(message) else message):
             return _to_crlf(message)
         start = end
@@ -671,14 +673,22 @@ def open_message(
     )
 
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-
-
 def _has_bare_lf(content: Content) -> bool:
-    """Whether a line ends in LF alone (searched in place: a view is not copied)."""
+    """Whether some line does not end in CRLF (a view is checked a megabyte at a time)."""
     if isinstance(content, bytes):
-        return content.count(b"\n") != content.count(b"\r\n")
-    return _BARE_LF.search(content) is not None
+        return canonicalize(content) is not content
+    view = memoryview(content).cast("B")
+    start = 0
+    while start < len(view):
+        end = min(start + _CANONICAL_CHUNK, len(view))
+        chunk = bytes(view[start:end])
+        if end < len(view) and chunk.endswith(b"\r"):
+            chunk += bytes(view[end : end + 1])
+            end += 1
+        if not _is_canonical(chunk):
+            return True
+        start = end
+    return False
 
 
 def _open_detached(

@@ -179,6 +179,17 @@ class CanonicalTests(unittest.TestCase):
         data = b"x\r\ny\r\n"
         self.assertIs(smime.canonicalize(data), data)
 
+    def test_canonicalize_in_chunks(self) -> None:
+        # Large messages are checked a chunk at a time; a chunk must never split a CRLF.
+        self.patch(smime, "_CANONICAL_CHUNK", 5)
+        for data, expected in [
+            (b"\r\nbbaa\r\na", None),
+            (b"abcdefgh\r\nij\nk", b"abcdefgh\r\nij\r\nk"),
+            (b"abcd\r\r\nx", b"abcd\r\n\r\nx"),
+        ]:
+            self.assertEqual(smime.canonicalize(data), expected or data)
+            self.assertEqual(smime._has_bare_lf(memoryview(bytearray(data))), expected is not None)
+
     def test_output_lines(self) -> None:
         encrypted = smime.encrypt(MESSAGE * 50, [BOB.certificate])
         body = encrypted.split(b"\r\n\r\n", 1)[1]
