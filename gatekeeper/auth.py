@@ -5,10 +5,10 @@ One :class:`KeyUnlockingChecker` serves the SMTP, POP3 and IMAP portals. A login
 1. is refused at once while the user name or the client address is throttled;
 2. is answered from the :class:`UnlockCache` when the same password unlocked the same
    keys less than ``unlock_cache_seconds`` ago (no KDF);
-3. otherwise runs the KDF in a thread pool: PBKDF2 in ``cryptography`` releases the
-   GIL, so the reactor keeps serving other sessions while it runs (see
-   ``bench/login.py``). Unknown users run the same KDF on a dummy record, so they cost
-   the same time as known ones.
+3. otherwise unlocks the keys in a worker process (reading the record, the KDF, the
+   PKCS#12 parsing: see :mod:`gatekeeper.keys.unlocking` for why not a thread), so the
+   reactor keeps serving other sessions (``bench/login.py``). Unknown users run the
+   same KDF on a dummy record, so they cost the same time as known ones.
 
 The avatar id a login yields is the user's :class:`~gatekeeper.keys.identity.Identity`
 (their decrypted keys); protocol realms turn it into avatars and register the session.
@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import itertools
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -29,15 +29,12 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
 from gatekeeper.address import address_key, normalize_address
 from gatekeeper.errors import BadPassword, InvalidAddress
-from gatekeeper.interfaces import IKeyStore
 from gatekeeper.keys.identity import Identity
 from gatekeeper.throttle import LoginThrottle
 
@@ -203,39 +200,26 @@ class UnlockCache:
 
 # -- the checker -------------------------------------------------------------------
 
-UnlockFunction = Callable[[Any, str], Any]
+UnlockFunction = Callable[[str | None, str | None], Awaitable[Identity]]
 
 
 @implementer(ICredentialsChecker)
 class KeyUnlockingChecker:
     """Authenticates ``IUsernamePassword`` by decrypting the user's private keys.
 
-    ``unlock(stored_user, password)`` and ``dummy_unlock()`` are the key store's pure
-    functions (see :mod:`gatekeeper.keys.accounts`); they run in ``pool``.
+    ``unlock(address, password)`` does the expensive part (in production: the key
+    store's login in a worker process, see :mod:`gatekeeper.keys.unlocking`). It gets
+    ``None`` for a user name or password that cannot be valid, and must then spend the
+    same time as a real unlock and fail with :class:`BadPassword`, as for an unknown
+    user, so that nothing tells the cases apart.
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(
-        self,
-        *,
-        store: IKeyStore,
-        reactor: IReactorFromThreads,
-        pool: ThreadPool,
-        cache: UnlockCache,
-        throttle: LoginThrottle,
-        unlock: UnlockFunction,
-        dummy_unlock: Callable[[], object],
-        record_login: Callable[[str], None] = lambda address: None,
-    ) -> None:
-        self._store = store
-        self._reactor = reactor
-        self._pool = pool
+    def __init__(self, *, cache: UnlockCache, throttle: LoginThrottle, unlock: UnlockFunction) -> None:
         self._cache = cache
         self._throttle = throttle
         self._unlock = unlock
-        self._dummy_unlock = dummy_unlock
-        self._record_login = record_login
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[Any]:
         """Return a Deferred firing with the user's unlocked :class:`Identity`."""
@@ -265,9 +249,7 @@ class KeyUnlockingChecker:
                 self._succeeded(throttle_key, cached, connection, cached=True)
                 return cached
         try:
-            identity: Identity = await deferToThreadPool(
-                self._reactor, self._pool, self._unlock_in_thread, address, password
-            )
+            identity = await self._unlock(address, password)
         except BadPassword:
             self._throttle.failed(throttle_key, connection.client)
             log.info(
@@ -300,27 +282,6 @@ class KeyUnlockingChecker:
             protocol=connection.protocol,
             how=", cached" if cached else "",
         )
-        self._pool.callInThread(self._record_login_quietly, identity.address)
-
-    def _record_login_quietly(self, address: str) -> None:
-        try:
-            self._record_login(address)
-        except Exception as error:  # a last-login timestamp must never fail a login
-            log.warn("could not record the login time of {user}: {kind}", user=address, kind=type(error).__name__)
-
-    def _unlock_in_thread(self, address: str | None, password: str | None) -> Identity:
-        """Runs in the pool: read the record and unlock it, or burn the same time."""
-        user = self._store.get_user(address) if address is not None else None
-        if user is None or password is None:
-            self._dummy_unlock()
-            raise BadPassword("authentication failed")
-        result = self._unlock(user, password)
-        if result.updated_user is not None:
-            # A completed pending rotation; if an admin changed the user meanwhile, drop it
-            # (the next login completes whatever is pending then).
-            self._store.put_user_if_unchanged(user, result.updated_user)
-        identity: Identity = result.identity
-        return identity
 
 
 def _parse(raw_user: bytes, raw_password: bytes) -> tuple[str | None, str | None]:

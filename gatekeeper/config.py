@@ -400,7 +400,7 @@ class KeysConfig:
     ca_passphrase_file: Path | None = None
     ca_passphrase_env: str | None = None
     unlock_cache_seconds: float = 300.0
-    kdf_threads: int = 4
+    kdf_workers: int = 0
 
     @classmethod
     def read(cls, section: _Section) -> KeysConfig:
@@ -420,7 +420,7 @@ class KeysConfig:
             ca_passphrase_file=section.optional_path("ca_passphrase_file"),
             ca_passphrase_env=passphrase_env,
             unlock_cache_seconds=section.number("unlock_cache_seconds", 300.0),
-            kdf_threads=section.integer("kdf_threads", 4, minimum=1, maximum=64),
+            kdf_workers=section.integer("kdf_workers", 0, minimum=0, maximum=256),
         )
 
 

@@ -31,11 +31,13 @@ from gatekeeper import smtp as smtp_adapter
 from gatekeeper.auth import GatekeeperRealm, KeyUnlockingChecker, SessionRegistry, UnlockCache
 from gatekeeper.config import DEFAULT_CONFIG_PATH, Config, ListenerConfig, load_config
 from gatekeeper.errors import GatekeeperError
-from gatekeeper.keys import accounts
 from gatekeeper.keys.ca import load_tls_private_key
+from gatekeeper.keys.identity import Identity
 from gatekeeper.keys.store import FileKeyStore
+from gatekeeper.keys.unlocking import identity_from_wire, unlock_from_store
 from gatekeeper.throttle import LoginThrottle
 from gatekeeper.tls import server_tls_options
+from gatekeeper.workers import WorkerPool, background_priority
 
 log = Logger()
 
@@ -88,14 +90,14 @@ def makeService(options: Options) -> IService:
     return build_service(options["prepared"], reactor)
 
 
-class ThreadPoolService(Service):
-    """Starts a thread pool with the application and stops it on shutdown."""
+class PoolService(Service):
+    """Starts a thread or worker pool with the application and stops it on shutdown."""
 
-    def __init__(self, pool: ThreadPool) -> None:
+    def __init__(self, pool: ThreadPool | WorkerPool) -> None:
         self.pool = pool
 
     def startService(self) -> None:
-        """Start the pool's threads."""
+        """Start the pool."""
         super().startService()
         self.pool.start()
 
@@ -168,16 +170,19 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     """Wire the gateway: one checker, one portal per protocol, two listeners per protocol."""
     config = prepared.config
     top = MultiService()
-    kdf_pool = ThreadPool(minthreads=0, maxthreads=config.keys.kdf_threads, name="gatekeeper-kdf")
-    ThreadPoolService(kdf_pool).setServiceParent(top)
+    login_workers = WorkerPool(
+        reactor, processes=config.keys.kdf_workers or None, max_queue=1000, initializer=background_priority
+    )
+    PoolService(login_workers).setServiceParent(top)
+    store_root = str(prepared.store.root)
 
-    store = prepared.store
+    async def unlock(address: str | None, password: str | None) -> Identity:
+        wire = await login_workers.run(unlock_from_store, store_root, address, password, config.keys.kdf_iterations)
+        return identity_from_wire(wire)
+
     cache = UnlockCache(reactor, config.keys.unlock_cache_seconds)
     StopAction(cache.drop).setServiceParent(top)
     checker = KeyUnlockingChecker(
-        store=store,
-        reactor=reactor,
-        pool=kdf_pool,
         cache=cache,
         throttle=LoginThrottle(
             reactor,
@@ -186,9 +191,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
             max_seconds=config.login.backoff_max_seconds,
             forget_after=config.login.forget_after_seconds,
         ),
-        unlock=accounts.unlock,
-        dummy_unlock=lambda: accounts.dummy_unlock(config.keys.kdf_iterations),
-        record_login=store.record_login,
+        unlock=unlock,
     )
     sessions = SessionRegistry(reactor)
     top.sessions = sessions  # type: ignore[attr-defined]

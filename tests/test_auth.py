@@ -1,20 +1,19 @@
 """The login checker: unlock = login, the unlocked-key cache, throttling, sessions.
 
-The checker is tested with the key store's unlock functions injected, so each test
-controls and counts the (expensive) KDF runs; ``tests/test_gateway_login.py`` runs the
-real thing end to end.
+The checker is tested with a fake unlock (``gatekeeper.testing.login``), so each test
+controls and counts the expensive unlocks; ``tests/test_unlocking.py`` tests the real
+worker-side unlock and ``tests/test_gateway_login.py`` runs everything end to end.
 """
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
-import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.mail import pop3
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,7 +23,6 @@ from gatekeeper.auth import (
     AddressedCredentials,
     ConnectionInfo,
     GatekeeperRealm,
-    KeyUnlockingChecker,
     LoginRefused,
     LoginThrottledError,
     LoginUnavailable,
@@ -32,208 +30,141 @@ from gatekeeper.auth import (
     SessionRegistry,
     UnlockCache,
 )
-from gatekeeper.errors import BadPassword, KeyStoreError
-from gatekeeper.interfaces import StoredKey, StoredUser
-from gatekeeper.keys.identity import Identity, UnlockedKey
-from gatekeeper.testing.memory_store import MemoryKeyStore
-from gatekeeper.testing.pki import TestPKI
-from gatekeeper.testing.threads import ImmediatePool, ImmediateReactor
-from gatekeeper.throttle import LoginThrottle
+from gatekeeper.errors import KeyStoreError
+from gatekeeper.testing.login import fake_login, make_identity
 
 PASSWORD = "correct horse battery staple"
-NOW = datetime.datetime(2026, 11, 1, tzinfo=datetime.UTC)
-
-
-@attrs.frozen
-class FakeUnlockResult:
-    identity: Identity
-    updated_user: StoredUser | None = None
-
-
-class FakeUnlocker:
-    """Stands in for accounts.unlock: the password is right when it equals ``password``."""
-
-    def __init__(self, identity: Identity, password: str = PASSWORD) -> None:
-        self.identity = identity
-        self.password = password
-        self.calls = 0
-        self.dummy_calls = 0
-        self.updated_user: StoredUser | None = None
-
-    def unlock(self, user: StoredUser, password: str) -> FakeUnlockResult:
-        self.calls += 1
-        if password != self.password:
-            raise BadPassword("authentication failed")
-        return FakeUnlockResult(self.identity, self.updated_user)
-
-    def dummy(self) -> None:
-        self.dummy_calls += 1
-
-
-def make_identity(address: str = "alice@example.org") -> tuple[Identity, StoredUser]:
-    issued = TestPKI().user(address)
-    key = UnlockedKey("k1", issued.certificate, issued.key, issued.chain)
-    stored = StoredUser(address, (StoredKey("k1", issued.certificate, b"sealed", NOW),), NOW)
-    return Identity(address, (key,)), stored
 
 
 class CheckerTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = ImmediateReactor()
-        self.pool = ImmediatePool()
-        self.store = MemoryKeyStore()
-        self.identity, stored = make_identity()
-        self.store.put_user(stored)
-        self.unlocker = FakeUnlocker(self.identity)
-        self.cache = UnlockCache(self.reactor, ttl=300)
-        self.throttle = LoginThrottle(self.reactor, free_failures=3, base_seconds=1, max_seconds=60)
-        self.checker = KeyUnlockingChecker(
-            store=self.store,
-            reactor=self.reactor,
-            pool=self.pool,  # type: ignore[arg-type]
-            cache=self.cache,
-            throttle=self.throttle,
-            unlock=self.unlocker.unlock,
-            dummy_unlock=self.unlocker.dummy,
-            record_login=self.store.record_login,
-        )
+        self.login = fake_login(free_failures=3)
+        self.identity = self.login.add_user("alice@example.org", PASSWORD)
+        self.unlocker = self.login.unlocker
+        self.clock = self.login.clock
         self.events: list[LogEvent] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    def login(self, user: str, password: str, client: str = "192.0.2.10") -> Any:
-        return self.checker.requestAvatarId(
-            AddressedCredentials(user.encode(), password.encode(), ConnectionInfo("imap", client))
+    def attempt(self, user: str | bytes, password: str | bytes, client: str = "192.0.2.10") -> Any:
+        return self.login.checker.requestAvatarId(
+            AddressedCredentials(
+                user.encode() if isinstance(user, str) else user,
+                password.encode() if isinstance(password, str) else password,
+                ConnectionInfo("imap", client),
+            )
         )
 
     def test_right_password_yields_the_identity(self) -> None:
-        identity = self.successResultOf(self.login("alice@example.org", PASSWORD))
+        identity = self.successResultOf(self.attempt("alice@example.org", PASSWORD))
         self.assertIs(identity, self.identity)
         self.assertEqual(self.unlocker.calls, 1)
-        self.assertEqual(self.store.logins, ["alice@example.org"])
 
     def test_user_name_is_case_insensitive(self) -> None:
-        identity = self.successResultOf(self.login("Alice@EXAMPLE.org", PASSWORD))
+        identity = self.successResultOf(self.attempt("Alice@EXAMPLE.org", PASSWORD))
         self.assertIs(identity, self.identity)
 
     def test_wrong_password_is_refused(self) -> None:
-        self.failureResultOf(self.login("alice@example.org", "wrong"), LoginRefused)
+        self.failureResultOf(self.attempt("alice@example.org", "wrong"), LoginRefused)
         self.assertEqual(self.unlocker.calls, 1)
 
-    def test_unknown_user_costs_a_dummy_kdf_and_the_same_error(self) -> None:
-        failure = self.failureResultOf(self.login("nobody@example.org", PASSWORD), LoginRefused)
-        self.assertEqual(self.unlocker.dummy_calls, 1)
-        self.assertEqual(self.unlocker.calls, 0)
-        known = self.failureResultOf(self.login("alice@example.org", "wrong"), LoginRefused)
+    def test_unknown_user_costs_a_dummy_unlock_and_the_same_error(self) -> None:
+        failure = self.failureResultOf(self.attempt("nobody@example.org", PASSWORD), LoginRefused)
+        self.assertEqual((self.unlocker.dummy_calls, self.unlocker.calls), (1, 0))
+        known = self.failureResultOf(self.attempt("alice@example.org", "wrong"), LoginRefused)
         self.assertEqual(str(failure.value), str(known.value))
 
-    def test_user_name_that_is_not_an_address_costs_a_dummy_kdf(self) -> None:
-        self.failureResultOf(self.login("alice", PASSWORD), LoginRefused)
+    def test_user_name_that_is_not_an_address_reaches_unlock_as_none(self) -> None:
+        self.failureResultOf(self.attempt("alice", PASSWORD), LoginRefused)
         self.assertEqual(self.unlocker.dummy_calls, 1)
 
-    def test_password_that_is_not_utf8_is_refused_after_a_dummy_kdf(self) -> None:
-        d = self.checker.requestAvatarId(
-            AddressedCredentials(b"alice@example.org", b"\xff\xfe", ConnectionInfo("smtp", "192.0.2.1"))
-        )
-        self.failureResultOf(d, LoginRefused)
-        self.assertEqual(self.unlocker.dummy_calls, 1)
+    def test_password_that_is_not_utf8_reaches_unlock_as_none(self) -> None:
+        self.failureResultOf(self.attempt("alice@example.org", b"\xff\xfe"), LoginRefused)
+        self.assertEqual((self.unlocker.dummy_calls, self.unlocker.calls), (1, 0))
 
-    def test_repeated_login_within_ttl_skips_the_kdf(self) -> None:
-        self.successResultOf(self.login("alice@example.org", PASSWORD))
-        identity = self.successResultOf(self.login("alice@example.org", PASSWORD))
+    def test_repeated_login_within_ttl_skips_the_unlock(self) -> None:
+        self.successResultOf(self.attempt("alice@example.org", PASSWORD))
+        identity = self.successResultOf(self.attempt("alice@example.org", PASSWORD))
         self.assertIs(identity, self.identity)
         self.assertEqual(self.unlocker.calls, 1)
 
     def test_wrong_password_never_matches_the_cache(self) -> None:
-        self.successResultOf(self.login("alice@example.org", PASSWORD))
-        self.failureResultOf(self.login("alice@example.org", PASSWORD + "x"), LoginRefused)
+        self.successResultOf(self.attempt("alice@example.org", PASSWORD))
+        self.failureResultOf(self.attempt("alice@example.org", PASSWORD + "x"), LoginRefused)
         self.assertEqual(self.unlocker.calls, 2)
 
     def test_cache_expires_after_ttl(self) -> None:
-        self.successResultOf(self.login("alice@example.org", PASSWORD))
-        self.reactor.advance(301)
-        self.assertEqual(len(self.cache), 0)
-        self.successResultOf(self.login("alice@example.org", PASSWORD))
+        self.successResultOf(self.attempt("alice@example.org", PASSWORD))
+        self.clock.advance(301)
+        self.assertEqual(len(self.login.cache), 0)
+        self.successResultOf(self.attempt("alice@example.org", PASSWORD))
         self.assertEqual(self.unlocker.calls, 2)
 
-    def test_cache_drop_forces_a_new_kdf(self) -> None:
-        self.successResultOf(self.login("alice@example.org", PASSWORD))
-        self.cache.drop("ALICE@example.org")
-        self.successResultOf(self.login("alice@example.org", PASSWORD))
+    def test_cache_drop_forces_a_new_unlock(self) -> None:
+        self.successResultOf(self.attempt("alice@example.org", PASSWORD))
+        self.login.cache.drop("ALICE@example.org")
+        self.successResultOf(self.attempt("alice@example.org", PASSWORD))
         self.assertEqual(self.unlocker.calls, 2)
 
-    def test_throttled_login_runs_no_kdf(self) -> None:
+    def test_throttled_login_runs_no_unlock(self) -> None:
         for _ in range(4):
-            self.failureResultOf(self.login("alice@example.org", "wrong"), LoginRefused)
-        failure = self.failureResultOf(self.login("alice@example.org", PASSWORD), LoginThrottledError)
+            self.failureResultOf(self.attempt("alice@example.org", "wrong"), LoginRefused)
+        failure = self.failureResultOf(self.attempt("alice@example.org", PASSWORD), LoginThrottledError)
         self.assertEqual(failure.value.retry_after, 1.0)
         self.assertEqual(self.unlocker.calls, 4)
-        self.reactor.advance(1)
-        self.successResultOf(self.login("alice@example.org", PASSWORD))
+        self.clock.advance(1)
+        self.successResultOf(self.attempt("alice@example.org", PASSWORD))
 
     def test_unknown_users_are_throttled_like_known_ones(self) -> None:
         for _ in range(4):
-            self.failureResultOf(self.login("ghost@example.org", "x"), LoginRefused)
-        self.failureResultOf(self.login("ghost@example.org", "x"), LoginThrottledError)
+            self.failureResultOf(self.attempt("ghost@example.org", "x"), LoginRefused)
+        self.failureResultOf(self.attempt("ghost@example.org", "x"), LoginThrottledError)
         self.assertEqual(self.unlocker.dummy_calls, 4)
 
     def test_client_address_is_throttled(self) -> None:
         for index in range(4):
-            self.failureResultOf(self.login(f"u{index}@example.org", "x", client="198.51.100.1"), LoginRefused)
-        self.failureResultOf(self.login("alice@example.org", PASSWORD, client="198.51.100.1"), LoginThrottledError)
-        self.successResultOf(self.login("alice@example.org", PASSWORD, client="198.51.100.2"))
+            self.failureResultOf(self.attempt(f"u{index}@example.org", "x", client="198.51.100.1"), LoginRefused)
+        self.failureResultOf(self.attempt("alice@example.org", PASSWORD, client="198.51.100.1"), LoginThrottledError)
+        self.successResultOf(self.attempt("alice@example.org", PASSWORD, client="198.51.100.2"))
 
     def test_store_failure_is_temporary_and_not_counted(self) -> None:
-        def broken(address: str) -> None:
-            raise KeyStoreError("/keys/users/alice/user.json is damaged")
-
-        self.store.get_user = broken  # type: ignore[method-assign,assignment]
+        self.unlocker.error = KeyStoreError("/keys/users/alice/user.json is damaged")
         for _ in range(5):
-            failure = self.failureResultOf(self.login("alice@example.org", PASSWORD), LoginUnavailable)
+            failure = self.failureResultOf(self.attempt("alice@example.org", PASSWORD), LoginUnavailable)
         self.assertNotIn("user.json", str(failure.value))
-        self.assertEqual(self.throttle.failures("alice@example.org", "192.0.2.10"), (0, 0))
-
-    def test_completed_pending_rotation_is_written_back(self) -> None:
-        _, updated = make_identity()
-        self.unlocker.updated_user = attrs.evolve(updated, keys=updated.keys * 2)
-        writes = self.store.writes
-        self.successResultOf(self.login("alice@example.org", PASSWORD))
-        self.assertEqual(self.store.writes, writes + 1)
-        stored = self.store.get_user("alice@example.org")
-        assert stored is not None
-        self.assertEqual(len(stored.keys), 2)
+        self.assertEqual(self.login.throttle.failures("alice@example.org", "192.0.2.10"), (0, 0))
 
     def test_passwords_never_reach_the_log(self) -> None:
-        self.successResultOf(self.login("alice@example.org", PASSWORD))
-        self.failureResultOf(self.login("alice@example.org", "hunter2-wrong"), LoginRefused)
-        self.failureResultOf(self.login("ghost@example.org", "hunter3-ghost"), LoginRefused)
+        self.successResultOf(self.attempt("alice@example.org", PASSWORD))
+        self.failureResultOf(self.attempt("alice@example.org", "hunter2-wrong"), LoginRefused)
+        self.failureResultOf(self.attempt("ghost@example.org", "hunter3-ghost"), LoginRefused)
         text = "\n".join(formatEvent(event) or "" for event in self.events)
         self.assertIn("login ok: alice@example.org", text)
         self.assertIn("login failed: ghost@example.org", text)
         for secret in (PASSWORD, "hunter2-wrong", "hunter3-ghost"):
             self.assertNotIn(secret, text)
-            self.assertNotIn(secret, repr([event for event in self.events]))
+            self.assertNotIn(secret, repr(list(self.events)))
 
 
 class UnlockCacheTests(SynchronousTestCase):
     def test_cache_keeps_no_password(self) -> None:
-        reactor = ImmediateReactor()
+        reactor = Clock()
         cache = UnlockCache(reactor, ttl=10)
-        identity, _ = make_identity()
+        identity = make_identity("alice@example.org")
         cache.put("alice@example.org", PASSWORD, identity)
         self.assertNotIn(PASSWORD, repr(vars(cache)))
         self.assertNotIn(PASSWORD.encode(), repr(vars(cache)).encode())
 
     def test_zero_ttl_disables_the_cache(self) -> None:
-        cache = UnlockCache(ImmediateReactor(), ttl=0)
-        identity, _ = make_identity()
+        cache = UnlockCache(Clock(), ttl=0)
+        identity = make_identity("alice@example.org")
         cache.put("alice@example.org", PASSWORD, identity)
         self.assertIsNone(cache.get("alice@example.org", PASSWORD))
 
     def test_drop_all(self) -> None:
-        reactor = ImmediateReactor()
+        reactor = Clock()
         cache = UnlockCache(reactor, ttl=10)
-        identity, _ = make_identity()
+        identity = make_identity("alice@example.org")
         cache.put("alice@example.org", PASSWORD, identity)
         cache.put("bob@example.org", PASSWORD, identity)
         cache.drop()
@@ -243,11 +174,11 @@ class UnlockCacheTests(SynchronousTestCase):
 
 class RealmTests(SynchronousTestCase):
     def test_sessions_are_registered_and_closed_at_logout(self) -> None:
-        reactor = ImmediateReactor()
+        reactor = Clock()
         sessions = SessionRegistry(reactor)
         kicked = []
         realm = GatekeeperRealm(pop3.IMailbox, lambda identity, session: (object(), lambda: None), sessions)
-        identity, _ = make_identity()
+        identity = make_identity("alice@example.org")
         reactor.advance(100)
         interface, _avatar, logout = realm.requestAvatar(
             identity, ConnectionInfo("pop3", "192.0.2.3", lambda: kicked.append(1)), pop3.IMailbox
@@ -273,10 +204,10 @@ class RealmTests(SynchronousTestCase):
 
             def requestAvatarId(self, credentials: Any) -> Any:
                 seen.append(credentials)
-                return succeed(make_identity()[0])
+                return succeed(make_identity("alice@example.org"))
 
         realm = GatekeeperRealm(
-            pop3.IMailbox, lambda identity, session: (object(), lambda: None), SessionRegistry(ImmediateReactor())
+            pop3.IMailbox, lambda identity, session: (object(), lambda: None), SessionRegistry(Clock())
         )
         portal = SessionPortal(Portal(realm, [Checker()]), ConnectionInfo("smtp", "203.0.113.5"))
         self.successResultOf(portal.login(UsernamePassword(b"a@example.org", b"pw"), None, pop3.IMailbox))

@@ -1,75 +1,65 @@
-"""A login checker for protocol tests: real checker logic, fake (instant) key unlocking.
+"""A login checker for protocol tests: the real checker, with instant fake key unlocking.
 
-:func:`fake_login` builds a :class:`~gatekeeper.auth.KeyUnlockingChecker` over a
-:class:`MemoryKeyStore` whose users' "keys" unlock when the password matches, with every
-thread hop run synchronously, so adapter tests can log in without a KDF or a thread.
+:func:`fake_login` builds a :class:`~gatekeeper.auth.KeyUnlockingChecker` whose
+``unlock`` knows a dict of users and passwords and answers at once, so adapter tests
+can log in without a KDF, a worker process or a thread.
 """
 
 from __future__ import annotations
 
-import datetime
-
 import attrs
 from twisted.cred.portal import Portal
+from twisted.internet.task import Clock
 
 from gatekeeper.address import address_key, normalize_address
 from gatekeeper.auth import AvatarFactory, GatekeeperRealm, KeyUnlockingChecker, SessionRegistry, UnlockCache
 from gatekeeper.errors import BadPassword
-from gatekeeper.interfaces import StoredKey, StoredUser
 from gatekeeper.keys.identity import Identity, UnlockedKey
-from gatekeeper.testing.memory_store import MemoryKeyStore
 from gatekeeper.testing.pki import TestPKI
-from gatekeeper.testing.threads import ImmediatePool, ImmediateReactor
 from gatekeeper.throttle import LoginThrottle
 
-_EPOCH = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
-
-@attrs.frozen
-class FakeUnlockResult:
-    """What :func:`gatekeeper.keys.accounts.unlock` returns, for the fake."""
-
-    identity: Identity
-    updated_user: StoredUser | None = None
-
-
-def make_identity(address: str, pki: TestPKI | None = None, key_index: int = 0) -> tuple[Identity, StoredUser]:
-    """Return an unlocked identity for ``address`` and the stored record it comes from."""
+def make_identity(address: str, pki: TestPKI | None = None, key_index: int = 0) -> Identity:
+    """Return an unlocked identity for ``address`` with a certificate from ``pki``."""
     issued = (pki or TestPKI()).user(address, key_index=key_index)
-    key = UnlockedKey("k1", issued.certificate, issued.key, issued.chain)
-    stored = StoredUser(address, (StoredKey("k1", issued.certificate, b"sealed", _EPOCH),), _EPOCH)
-    return Identity(address, (key,)), stored
+    return Identity(address, (UnlockedKey("k1", issued.certificate, issued.key, issued.chain),))
 
 
 class FakeUnlocker:
-    """Stands in for the key store's unlock: right when the password is the user's."""
+    """Stands in for the worker-process unlock: right when the password is the user's.
+
+    Counts real unlocks (``calls``) and the same-cost dummy runs for unknown users
+    (``dummy_calls``); ``error`` makes the next unlocks fail with that exception.
+    """
 
     def __init__(self) -> None:
-        self.passwords: dict[str, str] = {}
-        self.identities: dict[str, Identity] = {}
+        self.users: dict[str, tuple[str, Identity]] = {}
         self.calls = 0
         self.dummy_calls = 0
+        self.error: Exception | None = None
 
-    def unlock(self, user: StoredUser, password: str) -> FakeUnlockResult:
-        """Unlock when ``password`` is the one registered for the user."""
-        self.calls += 1
-        key = address_key(user.address)
-        if self.passwords.get(key) != password:
+    async def unlock(self, address: str | None, password: str | None) -> Identity:
+        """Unlock when ``password`` is the one registered for ``address``."""
+        if self.error is not None:
+            raise self.error
+        entry = self.users.get(address_key(address)) if address is not None else None
+        if entry is None or password is None:
+            self.dummy_calls += 1
             raise BadPassword("authentication failed")
-        return FakeUnlockResult(self.identities[key])
-
-    def dummy(self) -> None:
-        """Count the stand-in KDF runs for unknown users."""
-        self.dummy_calls += 1
+        self.calls += 1
+        if password != entry[0]:
+            raise BadPassword("authentication failed")
+        return entry[1]
 
 
 @attrs.define
 class FakeLogin:
     """Everything a protocol test needs to log users in."""
 
-    reactor: ImmediateReactor
-    store: MemoryKeyStore
+    clock: Clock
     unlocker: FakeUnlocker
+    cache: UnlockCache
+    throttle: LoginThrottle
     checker: KeyUnlockingChecker
     sessions: SessionRegistry
     pki: TestPKI
@@ -77,10 +67,8 @@ class FakeLogin:
     def add_user(self, address: str, password: str) -> Identity:
         """Create a user whose keys unlock with ``password``."""
         address = normalize_address(address)
-        identity, stored = make_identity(address, self.pki, key_index=len(self.unlocker.identities))
-        self.store.put_user(stored)
-        self.unlocker.passwords[address_key(address)] = password
-        self.unlocker.identities[address_key(address)] = identity
+        identity = make_identity(address, self.pki, key_index=len(self.unlocker.users))
+        self.unlocker.users[address_key(address)] = (password, identity)
         return identity
 
     def portal(self, interface: object, make_avatar: AvatarFactory) -> Portal:
@@ -89,18 +77,10 @@ class FakeLogin:
 
 
 def fake_login(*, cache_ttl: float = 300.0, free_failures: int = 3) -> FakeLogin:
-    """Build a :class:`FakeLogin` with an empty user list."""
-    reactor = ImmediateReactor()
-    store = MemoryKeyStore()
+    """Build a :class:`FakeLogin` with no users."""
+    clock = Clock()
     unlocker = FakeUnlocker()
-    checker = KeyUnlockingChecker(
-        store=store,
-        reactor=reactor,
-        pool=ImmediatePool(),  # type: ignore[arg-type]
-        cache=UnlockCache(reactor, cache_ttl),
-        throttle=LoginThrottle(reactor, free_failures=free_failures),
-        unlock=unlocker.unlock,
-        dummy_unlock=unlocker.dummy,
-        record_login=store.record_login,
-    )
-    return FakeLogin(reactor, store, unlocker, checker, SessionRegistry(reactor), TestPKI())
+    cache = UnlockCache(clock, cache_ttl)
+    throttle = LoginThrottle(clock, free_failures=free_failures)
+    checker = KeyUnlockingChecker(cache=cache, throttle=throttle, unlock=unlocker.unlock)
+    return FakeLogin(clock, unlocker, cache, throttle, checker, SessionRegistry(clock), TestPKI())
