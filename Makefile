@@ -29,12 +29,12 @@ run: venv
 system-deps:
 	.ci/install-debian-packages
 
+# The scan after the suite counts as one more test in the closing line.
 test: system-deps test-venv
-	@rm -f _trial_temp.log; \
-	$(BIN)/trial -j$(TRIAL_JOBS) --temp-directory=_trial_temp tests 2>&1 | tee _trial_temp.log; \
-	status=$$?; \
-	$(BIN)/python tests/summary.py _trial_temp.log; summary=$$?; \
-	[ $$summary -eq 0 ]
+	@rm -rf _trial_temp _trial_temp.log; \
+	$(BIN)/python -m twisted.trial -j$(TRIAL_JOBS) --temp-directory=_trial_temp tests 2>&1 | tee _trial_temp.log; \
+	$(BIN)/python tests/scan.py _trial_temp; scan=$$?; \
+	$(BIN)/python tests/summary.py _trial_temp.log --extra $$scan
 
 lint: test-venv
 	$(BIN)/ruff check gatekeeper tests bench twisted
