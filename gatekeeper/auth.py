@@ -35,6 +35,7 @@ from zope.interface import Interface, implementer
 
 from gatekeeper.address import address_key, normalize_address
 from gatekeeper.errors import BadPassword, InvalidAddress
+from gatekeeper.events import emit
 from gatekeeper.keys.identity import Identity
 from gatekeeper.throttle import LoginThrottle
 
@@ -233,8 +234,11 @@ class KeyUnlockingChecker:
         throttle_key = user_text.casefold()
         wait = self._throttle.retry_after(throttle_key, connection.client)
         if wait > 0:
-            log.info(
+            emit(
+                log,
+                "login",
                 "login throttled: {user} from {client} ({protocol}), retry in {wait:.0f} s",
+                outcome="throttled",
                 user=user_text,
                 client=connection.client,
                 protocol=connection.protocol,
@@ -252,8 +256,11 @@ class KeyUnlockingChecker:
             identity = await self._unlock(address, password)
         except BadPassword:
             self._throttle.failed(throttle_key, connection.client)
-            log.info(
+            emit(
+                log,
+                "login",
                 "login failed: {user} from {client} ({protocol})",
+                outcome="failed",
                 user=user_text,
                 client=connection.client,
                 protocol=connection.protocol,
@@ -261,9 +268,14 @@ class KeyUnlockingChecker:
             raise LoginRefused() from None
         except Exception as error:
             # Never echo the exception: it could describe the key file. Log its type only.
-            log.error(
+            emit(
+                log,
+                "login",
                 "login could not be checked for {user} ({protocol}): {kind}",
+                level="error",
+                outcome="unavailable",
                 user=user_text,
+                client=connection.client,
                 protocol=connection.protocol,
                 kind=type(error).__name__,
             )
@@ -275,13 +287,28 @@ class KeyUnlockingChecker:
 
     def _succeeded(self, throttle_key: str, identity: Identity, connection: ConnectionInfo, *, cached: bool) -> None:
         self._throttle.succeeded(throttle_key)
-        log.info(
+        emit(
+            log,
+            "login",
             "login ok: {user} from {client} ({protocol}{how})",
+            outcome="cached" if cached else "ok",
             user=identity.address,
             client=connection.client,
             protocol=connection.protocol,
             how=", cached" if cached else "",
         )
+        if not cached:
+            emit(
+                log,
+                "key_use",
+                "keys unlocked: {user} ({protocol} login from {peer})",
+                operation="unlock",
+                user=identity.address,
+                session=None,
+                message_id=None,
+                peer=connection.client,
+                protocol=connection.protocol,
+            )
 
 
 def _parse(raw_user: bytes, raw_password: bytes) -> tuple[str | None, str | None]:
@@ -373,9 +400,24 @@ class GatekeeperRealm:
         connection = mind if isinstance(mind, ConnectionInfo) else ConnectionInfo("unknown", "unknown")
         session = self._sessions.open(avatarId, connection)
         avatar, on_logout = self._make_avatar(avatarId, session)
+        self._session_event(session, "open")
 
         def logout() -> None:
             self._sessions.close(session)
+            self._session_event(session, "close")
             on_logout()
 
         return self._interface, avatar, logout
+
+    @staticmethod
+    def _session_event(session: Session, action: str) -> None:
+        emit(
+            log,
+            "session",
+            "session {session} {action}: {user} ({protocol} from {client})",
+            action=action,
+            session=session.session_id,
+            user=session.address,
+            protocol=session.protocol,
+            client=session.client,
+        )

@@ -14,13 +14,14 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gatekeeper.auth import AvatarFactory, LoginThrottledError, Session, connection_portal
+from gatekeeper.connections import Connections
 from gatekeeper.keys.identity import Identity
 from gatekeeper.tls import secrets_allowed
 
@@ -35,6 +36,14 @@ class ImapServer(imap4.IMAP4Server):
     def __init__(self, context_factory: CertificateOptions | None, *, allow_plaintext_on_loopback: bool) -> None:
         super().__init__(chal=dict(CHALLENGERS), contextFactory=context_factory)
         self._allow_plaintext_on_loopback = allow_plaintext_on_loopback
+
+    connections: Connections | None = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Clean up the session, then tell the listener this connection is gone."""
+        super().connectionLost(reason)
+        if self.connections is not None:
+            self.connections.remove(self)
 
     def _secrets_allowed(self) -> bool:
         return secrets_allowed(self.transport, allow_plaintext_on_loopback=self._allow_plaintext_on_loopback)
@@ -94,12 +103,15 @@ class ImapFactory(ServerFactory):
         self.portal = portal
         self.context_factory = context_factory
         self.allow_plaintext_on_loopback = allow_plaintext_on_loopback
+        self.connections = Connections()
 
     def buildProtocol(self, addr: IAddress | None) -> ImapServer:
         """Give the new connection its own view of the portal."""
         protocol = ImapServer(self.context_factory, allow_plaintext_on_loopback=self.allow_plaintext_on_loopback)
         protocol.factory = self
         protocol.portal = connection_portal(self.portal, "imap", protocol, addr)  # type: ignore[assignment]
+        protocol.connections = self.connections
+        self.connections.add(protocol)
         return protocol
 
 

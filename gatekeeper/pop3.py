@@ -16,7 +16,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, ITLSTransport
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.mail import pop3
 from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gatekeeper.auth import AvatarFactory, LoginThrottledError, Session, connection_portal
+from gatekeeper.connections import Connections
 from gatekeeper.keys.identity import Identity
 from gatekeeper.tls import secrets_allowed, transport_is_secure
 
@@ -40,6 +41,14 @@ class Pop3Server(pop3.POP3):
         self.context_factory = context_factory
         self._allow_plaintext_on_loopback = allow_plaintext_on_loopback
         self._sasl: Any = None
+
+    connections: Connections | None = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Clean up the session, then tell the listener this connection is gone."""
+        super().connectionLost(reason)
+        if self.connections is not None:
+            self.connections.remove(self)
 
     def _secrets_allowed(self) -> bool:
         return secrets_allowed(self.transport, allow_plaintext_on_loopback=self._allow_plaintext_on_loopback)
@@ -192,6 +201,7 @@ class Pop3Factory(ServerFactory):
         self.context_factory = context_factory
         self.allow_plaintext_on_loopback = allow_plaintext_on_loopback
         self.scheduler = scheduler
+        self.connections = Connections()
 
     def buildProtocol(self, addr: IAddress | None) -> Pop3Server:  # type: ignore[override]
         """Give the new connection its own view of the portal."""
@@ -200,6 +210,8 @@ class Pop3Factory(ServerFactory):
         if self.scheduler is not None:
             protocol.schedule = self.scheduler  # type: ignore[assignment]
         protocol.portal = connection_portal(self.portal, "pop3", protocol, addr)  # type: ignore[assignment]
+        protocol.connections = self.connections
+        self.connections.add(protocol)
         return protocol
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.mail import smtp
 from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from gatekeeper.address import same_address
 from gatekeeper.auth import AvatarFactory, LoginThrottledError, Session, connection_portal
+from gatekeeper.connections import Connections
 from gatekeeper.keys.identity import Identity
 from gatekeeper.tls import secrets_allowed
 
@@ -35,6 +36,14 @@ class SubmissionServer(smtp.ESMTP):
     def __init__(self, context_factory: CertificateOptions | None, *, allow_plaintext_on_loopback: bool) -> None:
         super().__init__(chal=dict(CHALLENGERS), contextFactory=context_factory)
         self._allow_plaintext_on_loopback = allow_plaintext_on_loopback
+
+    connections: Connections | None = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Clean up the session, then tell the listener this connection is gone."""
+        super().connectionLost(reason)
+        if self.connections is not None:
+            self.connections.remove(self)
 
     def _secrets_allowed(self) -> bool:
         return secrets_allowed(self.transport, allow_plaintext_on_loopback=self._allow_plaintext_on_loopback)
@@ -85,6 +94,7 @@ class SubmissionFactory(ServerFactory):
         self.portal = portal
         self.context_factory = context_factory
         self.hostname = hostname.encode("ascii")
+        self.connections = Connections()
         self.allow_plaintext_on_loopback = allow_plaintext_on_loopback
 
     def buildProtocol(self, addr: IAddress | None) -> SubmissionServer:
@@ -93,6 +103,8 @@ class SubmissionFactory(ServerFactory):
         protocol.factory = self
         protocol.host = self.hostname
         protocol.portal = connection_portal(self.portal, "smtp", protocol, addr)  # type: ignore[assignment]
+        protocol.connections = self.connections
+        self.connections.add(protocol)
         return protocol
 
 

@@ -16,7 +16,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.mail import imap4, pop3, smtp
@@ -30,6 +30,7 @@ from gatekeeper import pop3 as pop3_adapter
 from gatekeeper import smtp as smtp_adapter
 from gatekeeper.auth import GatekeeperRealm, KeyUnlockingChecker, SessionRegistry, UnlockCache
 from gatekeeper.config import DEFAULT_CONFIG_PATH, Config, ListenerConfig, load_config
+from gatekeeper.connections import Connections
 from gatekeeper.errors import GatekeeperError
 from gatekeeper.keys.ca import load_tls_private_key
 from gatekeeper.keys.identity import Identity
@@ -124,11 +125,19 @@ class StopAction(Service):
 class ListenerService(Service):
     """Listens on one endpoint; a port that cannot be opened stops the gateway with a clear message."""
 
-    def __init__(self, reactor: IReactorCore, description: str, factory: IProtocolFactory, what: str) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        description: str,
+        factory: IProtocolFactory,
+        what: str,
+        connections: Connections | None = None,
+    ) -> None:
         self._reactor = reactor
         self.description = description
         self.factory = factory
         self.what = what
+        self.connections = connections
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -158,12 +167,18 @@ class ListenerService(Service):
         self._reactor.callWhenRunning(self._reactor.stop)
 
     def stopService(self) -> Deferred[None] | None:
-        """Close the port."""
+        """Close the port, then the connections it accepted."""
         super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()
-        return None
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
+        if self.connections is not None:
+            await self.connections.close_all(self._reactor)
 
 
 def build_service(prepared: Prepared, reactor: Any) -> MultiService:
@@ -217,7 +232,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         ("POP3", config.pop3.listen, pop3_factory),
         ("IMAP", config.imap.listen, imap_factory),
     ):
-        _add_listeners(top, reactor, what, listeners, factory, prepared.tls)
+        _add_listeners(top, reactor, what, listeners, factory, prepared.tls, factory.connections)
     return top
 
 
@@ -228,9 +243,12 @@ def _add_listeners(
     listeners: ListenerConfig,
     factory: IProtocolFactory,
     tls: CertificateOptions,
+    connections: Connections,
 ) -> None:
     if listeners.starttls:
-        ListenerService(reactor, listeners.starttls, factory, f"{what} (STARTTLS)").setServiceParent(parent)
+        ListenerService(reactor, listeners.starttls, factory, f"{what} (STARTTLS)", connections).setServiceParent(
+            parent
+        )
     if listeners.tls:
         wrapped = TLSMemoryBIOFactory(tls, False, factory)
-        ListenerService(reactor, listeners.tls, wrapped, f"{what} (TLS)").setServiceParent(parent)
+        ListenerService(reactor, listeners.tls, wrapped, f"{what} (TLS)", connections).setServiceParent(parent)

@@ -4,8 +4,9 @@ Run by ``make test`` on trial's temporary directory::
 
     python tests/scan.py _trial_temp
 
-Key stores are recognised by their layout (a ``users/`` directory); every file in them is checked for unencrypted private keys in PEM, DER
-(PKCS#8 or traditional) or PKCS#12 form. The test passwords are every string literal the
+Key stores are recognised by their layout (a ``users/`` directory); every file in them
+is checked for unencrypted private keys in PEM, DER (PKCS#8 or traditional) or PKCS#12
+form. The test passwords are every string literal the
 test modules assign to a name containing ``password`` or ``passphrase`` (or pass as such
 a keyword argument); every ``*.log`` file under the directory is searched for them.
 Exits non-zero and names each finding.

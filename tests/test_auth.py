@@ -134,6 +134,17 @@ class CheckerTests(SynchronousTestCase):
         self.assertNotIn("user.json", str(failure.value))
         self.assertEqual(self.login.throttle.failures("alice@example.org", "192.0.2.10"), (0, 0))
 
+    def test_structured_events_for_metrics_and_audit(self) -> None:
+        self.successResultOf(self.attempt("alice@example.org", PASSWORD))
+        self.successResultOf(self.attempt("alice@example.org", PASSWORD))
+        self.failureResultOf(self.attempt("alice@example.org", "bad"), LoginRefused)
+        logins = [(e["outcome"], e["protocol"]) for e in self.events if e.get("gk_event") == "login"]
+        self.assertEqual(logins, [("ok", "imap"), ("cached", "imap"), ("failed", "imap")])
+        [unlock] = [e for e in self.events if e.get("gk_event") == "key_use"]
+        self.assertEqual(
+            (unlock["operation"], unlock["user"], unlock["gk_audit"]), ("unlock", "alice@example.org", True)
+        )
+
     def test_passwords_never_reach_the_log(self) -> None:
         self.successResultOf(self.attempt("alice@example.org", PASSWORD))
         self.failureResultOf(self.attempt("alice@example.org", "hunter2-wrong"), LoginRefused)

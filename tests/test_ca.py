@@ -21,10 +21,8 @@ from gatekeeper.keys.ca import (
     CertificateAuthority,
     initialize,
     load_tls_private_key,
-    load_tls_private_key_pem,
     open_ca,
     read_ca_passphrase,
-    read_passphrase,
 )
 from gatekeeper.testing.pki import TestPKI, make_key
 from tests.keys_support import CA_PASSPHRASE, FAST_ITERATIONS, make_ca, openssl, write_pem
@@ -240,7 +238,6 @@ class PassphraseTests(SynchronousTestCase):
         config = config_for(self.root, keys='ca_passphrase_env = "GK_TEST_CA_PASSPHRASE"')
         self.patch(os, "environ", {"GK_TEST_CA_PASSPHRASE": "from the environment"})
         self.assertEqual(read_ca_passphrase(config.keys), "from the environment")
-        self.assertEqual(read_passphrase(config), b"from the environment")
         self.patch(os, "environ", {})
         error = self.assertRaises(ConfigError, read_ca_passphrase, config.keys)
         self.assertEqual(error.path, "[keys] ca_passphrase_env")
@@ -291,7 +288,6 @@ class InitializeTests(SynchronousTestCase):
         self.assertIn(b"BEGIN ENCRYPTED PRIVATE KEY", key_pem)
         key = load_tls_private_key(self.config)
         self.assertEqual(key.public_key().public_numbers(), chain[0].public_key().public_numbers())
-        self.assertIn(b"BEGIN PRIVATE KEY", load_tls_private_key_pem(self.config))
         code, text = openssl_verify(ca, chain[0], "-purpose", "sslserver", "-verify_hostname", "gw.example.org")
         self.assertEqual(code, 0, text)
         for path in [store, *store.rglob("*"), self.root / "tls", *(self.root / "tls").iterdir()]:
@@ -301,9 +297,7 @@ class InitializeTests(SynchronousTestCase):
         from gatekeeper.tls import server_tls_options
 
         initialize(self.config)
-        options = server_tls_options(
-            self.config.tls.certificate.read_bytes(), self.config.tls.key.read_bytes(), read_passphrase(self.config)
-        )
+        options = server_tls_options(self.config.tls.certificate.read_bytes(), load_tls_private_key(self.config))
         self.assertIsNotNone(options.getContext())
 
     def test_if_absent(self) -> None:

@@ -51,10 +51,8 @@ __all__ = [
     "generate_private_key",
     "initialize",
     "load_tls_private_key",
-    "load_tls_private_key_pem",
     "open_ca",
     "read_ca_passphrase",
-    "read_passphrase",
 ]
 
 CA_KEY_FILE = "ca.p12"
@@ -462,11 +460,6 @@ def read_ca_passphrase(keys: KeysConfig, *, create: bool = False) -> str:
     return passphrase
 
 
-def read_passphrase(config: Config) -> bytes:
-    """Return the CA passphrase as bytes (what ``load_pem_private_key`` takes for the TLS key)."""
-    return read_ca_passphrase(config.keys).encode("utf-8")
-
-
 def _passphrase_path(keys: KeysConfig) -> Path:
     return keys.ca_passphrase_file or ca_directory(keys) / PASSPHRASE_FILE
 
@@ -569,10 +562,3 @@ def load_tls_private_key(config: Config) -> PrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         raise ConfigError(f"the TLS key {path} is neither RSA nor EC", "[tls] key")
     return key
-
-
-def load_tls_private_key_pem(config: Config) -> bytes:
-    """Return the TLS key as unencrypted PKCS#8 PEM, in memory only (e.g. for pyOpenSSL)."""
-    return load_tls_private_key(config).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
