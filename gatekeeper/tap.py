@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from cryptography import x509
 from twisted.application.service import IService, MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
@@ -28,16 +29,20 @@ from twisted.python.threadpool import ThreadPool
 from gatekeeper import imap as imap_adapter
 from gatekeeper import pop3 as pop3_adapter
 from gatekeeper import smtp as smtp_adapter
-from gatekeeper.auth import GatekeeperRealm, KeyUnlockingChecker, SessionRegistry, UnlockCache
+from gatekeeper.auth import AvatarFactory, GatekeeperRealm, KeyUnlockingChecker, SessionRegistry, UnlockCache
+from gatekeeper.capabilities import FileCapabilityStore
 from gatekeeper.config import DEFAULT_CONFIG_PATH, Config, ListenerConfig, load_config
 from gatekeeper.connections import Connections
 from gatekeeper.errors import GatekeeperError
-from gatekeeper.keys.ca import load_tls_private_key
+from gatekeeper.keys.ca import ca_certificate_path, load_tls_private_key
+from gatekeeper.keys.discovery import KeyManager, build_key_manager, keyring_path, make_threadpool
 from gatekeeper.keys.identity import Identity
+from gatekeeper.keys.keyring import KeyRing
 from gatekeeper.keys.store import FileKeyStore
 from gatekeeper.keys.unlocking import identity_from_wire, unlock_from_store
 from gatekeeper.throttle import LoginThrottle
 from gatekeeper.tls import server_tls_options
+from gatekeeper.trust import TrustValidator, validator_from_config
 from gatekeeper.workers import WorkerPool, background_priority
 
 log = Logger()
@@ -181,14 +186,37 @@ class ListenerService(Service):
             await self.connections.close_all(self._reactor)
 
 
-def build_service(prepared: Prepared, reactor: Any) -> MultiService:
-    """Wire the gateway: one checker, one portal per protocol, two listeners per protocol."""
+@attrs.define
+class Parts:
+    """The shared pieces the protocol adapters are built from (one of each per gateway)."""
+
+    config: Config
+    reactor: Any
+    tls: CertificateOptions
+    store: FileKeyStore
+    sessions: SessionRegistry
+    checker: KeyUnlockingChecker
+    unlock_cache: UnlockCache
+    message_workers: WorkerPool
+    validator: TrustValidator
+    keyring: KeyRing
+    key_manager: KeyManager
+    capabilities: FileCapabilityStore
+
+    def portal(self, interface: Any, make_avatar: AvatarFactory) -> Portal:
+        """A portal for one protocol: the shared checker, that protocol's avatars."""
+        return Portal(GatekeeperRealm(interface, make_avatar, self.sessions), [self.checker])
+
+
+def build_parts(prepared: Prepared, reactor: Any, top: MultiService) -> Parts:
+    """Build the shared pieces; services that need starting and stopping join ``top``."""
     config = prepared.config
-    top = MultiService()
     login_workers = WorkerPool(
         reactor, processes=config.keys.kdf_workers or None, max_queue=1000, initializer=background_priority
     )
     PoolService(login_workers).setServiceParent(top)
+    message_workers = WorkerPool(reactor, max_queue=1000, initializer=background_priority)
+    PoolService(message_workers).setServiceParent(top)
     store_root = str(prepared.store.root)
 
     async def unlock(address: str | None, password: str | None) -> Identity:
@@ -208,29 +236,74 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
         ),
         unlock=unlock,
     )
-    sessions = SessionRegistry(reactor)
-    top.sessions = sessions  # type: ignore[attr-defined]
+    built_in_ca = x509.load_pem_x509_certificate(ca_certificate_path(config.keys).read_bytes())
+    validator = validator_from_config(config.trust, extra_anchors=[built_in_ca])
+    keyring = KeyRing(keyring_path(config.keys))
+    directory_pool = make_threadpool(config.directory)
+    PoolService(directory_pool).setServiceParent(top)
+    key_manager = build_key_manager(
+        config.directory,
+        reactor=reactor,
+        threadpool=directory_pool,
+        validator=validator,
+        keyring=keyring,
+        store=prepared.store,
+    )
+    StopAction(key_manager.close).setServiceParent(top)
+    return Parts(
+        config=config,
+        reactor=reactor,
+        tls=prepared.tls,
+        store=prepared.store,
+        sessions=SessionRegistry(reactor),
+        checker=checker,
+        unlock_cache=cache,
+        message_workers=message_workers,
+        validator=validator,
+        keyring=keyring,
+        key_manager=key_manager,
+        capabilities=FileCapabilityStore(config.keys.store / "capabilities"),
+    )
 
-    def portal(interface: Any, make_avatar: Any) -> Portal:
-        return Portal(GatekeeperRealm(interface, make_avatar, sessions), [checker])
 
-    plaintext = config.tls.allow_plaintext_on_loopback
-    smtp_factory = smtp_adapter.SubmissionFactory(
-        portal(smtp.IMessageDelivery, smtp_adapter.make_delivery_avatar()),
-        prepared.tls,
-        hostname=config.server.hostname,
-        allow_plaintext_on_loopback=plaintext,
+def smtp_factory(parts: Parts) -> smtp_adapter.SubmissionFactory:
+    """The SMTP submission adapter."""
+    return smtp_adapter.SubmissionFactory(
+        parts.portal(smtp.IMessageDelivery, smtp_adapter.make_delivery_avatar()),
+        parts.tls,
+        hostname=parts.config.server.hostname,
+        allow_plaintext_on_loopback=parts.config.tls.allow_plaintext_on_loopback,
     )
-    pop3_factory = pop3_adapter.Pop3Factory(
-        portal(pop3.IMailbox, pop3_adapter.make_mailbox_avatar()), prepared.tls, allow_plaintext_on_loopback=plaintext
+
+
+def pop3_factory(parts: Parts) -> pop3_adapter.Pop3Factory:
+    """The POP3 adapter."""
+    return pop3_adapter.Pop3Factory(
+        parts.portal(pop3.IMailbox, pop3_adapter.make_mailbox_avatar()),
+        parts.tls,
+        allow_plaintext_on_loopback=parts.config.tls.allow_plaintext_on_loopback,
     )
-    imap_factory = imap_adapter.ImapFactory(
-        portal(imap4.IAccount, imap_adapter.make_account_avatar()), prepared.tls, allow_plaintext_on_loopback=plaintext
+
+
+def imap_factory(parts: Parts) -> imap_adapter.ImapFactory:
+    """The IMAP adapter."""
+    return imap_adapter.ImapFactory(
+        parts.portal(imap4.IAccount, imap_adapter.make_account_avatar()),
+        parts.tls,
+        allow_plaintext_on_loopback=parts.config.tls.allow_plaintext_on_loopback,
     )
+
+
+def build_service(prepared: Prepared, reactor: Any) -> MultiService:
+    """Wire the gateway: the shared parts, then two listeners per protocol."""
+    config = prepared.config
+    top = MultiService()
+    parts = build_parts(prepared, reactor, top)
+    top.parts = parts  # type: ignore[attr-defined]
     for what, listeners, factory in (
-        ("SMTP", config.smtp.listen, smtp_factory),
-        ("POP3", config.pop3.listen, pop3_factory),
-        ("IMAP", config.imap.listen, imap_factory),
+        ("SMTP", config.smtp.listen, smtp_factory(parts)),
+        ("POP3", config.pop3.listen, pop3_factory(parts)),
+        ("IMAP", config.imap.listen, imap_factory(parts)),
     ):
         _add_listeners(top, reactor, what, listeners, factory, prepared.tls, factory.connections)
     return top

@@ -22,6 +22,7 @@ from gatekeeper.errors import KeyStoreError
 from gatekeeper.interfaces import StoredUser
 from gatekeeper.keys.accounts import Accounts, current_certificate
 from gatekeeper.keys.ca import CertificateAuthority, ca_directory, open_ca
+from gatekeeper.keys.discovery import build_publisher
 from gatekeeper.keys.store import FileKeyStore
 
 
@@ -76,7 +77,12 @@ def open_accounts(config: Config) -> Accounts:
     """Return the :class:`Accounts` of an initialised key store (the CA is opened when needed)."""
     if not CertificateAuthority.exists(ca_directory(config.keys)):
         raise KeyStoreError(f"no key store at {config.keys.store}; run `gatekeeper --config {config.path} init` first")
-    return Accounts(FileKeyStore(config.keys.store), lambda: open_ca(config.keys), config.keys)
+    return Accounts(
+        FileKeyStore(config.keys.store),
+        lambda: open_ca(config.keys),
+        config.keys,
+        publisher=build_publisher(config.directory),
+    )
 
 
 def run_add(args: argparse.Namespace) -> int:

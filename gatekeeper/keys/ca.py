@@ -47,6 +47,7 @@ from gatekeeper.keys.store import FileKeyStore, FileLock, atomic_write, private_
 
 __all__ = [
     "CertificateAuthority",
+    "ca_certificate_path",
     "ca_directory",
     "generate_private_key",
     "initialize",
@@ -414,6 +415,11 @@ class CertificateAuthority:
 
 
 # -- configuration-level helpers ------------------------------------------------------
+
+
+def ca_certificate_path(keys: KeysConfig) -> Path:
+    """The built-in CA's certificate (PEM), for trust anchors and clients."""
+    return ca_directory(keys) / CA_CERTIFICATE_FILE
 
 
 def ca_directory(keys: KeysConfig) -> Path:
