@@ -63,6 +63,7 @@ class SmtpLoginTests(SynchronousTestCase):
 
     def connect(self, t: TLSStringTransport) -> smtp.ESMTP:
         protocol = self.factory.buildProtocol(t.getPeer())
+        protocol.callLater = self.login.clock.callLater  # idle time-outs on the fake clock, not the reactor
         protocol.makeConnection(t)
         t.clear()
         return protocol
@@ -176,6 +177,7 @@ class Pop3LoginTests(SynchronousTestCase):
 
     def connect(self, t: TLSStringTransport) -> pop3.POP3:
         protocol = self.factory.buildProtocol(t.getPeer())
+        protocol.callLater = self.login.clock.callLater  # idle time-outs on the fake clock, not the reactor
         protocol.makeConnection(t)
         return protocol
 
@@ -287,8 +289,8 @@ class ImapLoginTests(SynchronousTestCase):
 
     def connect(self, t: TLSStringTransport) -> imap4.IMAP4Server:
         protocol = self.factory.buildProtocol(t.getPeer())
+        protocol.callLater = self.login.clock.callLater  # idle time-outs on the fake clock, not the reactor
         protocol.makeConnection(t)
-        self.addCleanup(protocol.connectionLost, None)
         return protocol
 
     def send(self, protocol: imap4.IMAP4Server, t: TLSStringTransport, line: bytes) -> bytes:
