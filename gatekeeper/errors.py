@@ -91,3 +91,17 @@ class SourceUnavailable(TemporaryError):
 
 class UpstreamUnavailable(TemporaryError):
     """The upstream mail server could not be reached or timed out."""
+
+
+class UpstreamRefused(GatekeeperError):
+    """The upstream mail server answered a request with an error (e.g. POP3 ``-ERR``).
+
+    ``code`` is the RFC 3206 response code it gave (``AUTH``, ``IN-USE``, ``SYS/TEMP``,
+    ``SYS/PERM``) or None; ``temporary`` follows it. The message is Gatekeeper's own
+    wording, safe to show; the server's text is never passed on.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.temporary = code in ("IN-USE", "SYS/TEMP", "LOGIN-DELAY")

@@ -7,6 +7,7 @@ directory, the network upstream) and its in-package fake must both be easy to wr
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 
 import attrs
 from cryptography import x509
@@ -112,3 +113,74 @@ class ICertificatePublisher(Interface):
 
     def unpublish(address: str) -> None:
         """Remove every certificate published for ``address`` (synchronous)."""
+
+
+# -- the maildrop behind the POP3 proxy ---------------------------------------------------
+#
+# The POP3 proxy (gatekeeper/pop3.py) serves one IPop3Maildrop per session: the upstream
+# POP3 server (gatekeeper/upstream/pop3.py) or, for the embedded default, a local store.
+
+
+@attrs.frozen(repr=False)
+class UpstreamLogin:
+    """Who to log in as upstream for a gateway user: ``address`` (the gateway login) and the upstream name and password.
+
+    The password is the user's own (pass-through) or their stored upstream password
+    (:mod:`gatekeeper.upstream.credentials`); an embedded store only uses ``address``.
+    """
+
+    address: str
+    user: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"<UpstreamLogin {self.address} as {self.user}>"
+
+
+@attrs.frozen
+class MaildropEntry:
+    """One message of a maildrop: its unique id (UIDL, stable across sessions) and its stored size in octets."""
+
+    uid: bytes
+    size: int
+
+
+class IPop3Upstream(Interface):
+    """Where the POP3 proxy opens users' maildrops."""
+
+    async def open(login: UpstreamLogin) -> IPop3Maildrop:
+        """Open ``login.address``'s maildrop and return the session.
+
+        Raises :class:`~gatekeeper.errors.UpstreamUnavailable` (temporary: down, slow,
+        TLS failure) or :class:`~gatekeeper.errors.UpstreamRefused` (what the server
+        said, with its RFC 3206 code: ``AUTH`` for refused credentials, ``IN-USE``...).
+        """
+
+
+class IPop3Maildrop(Interface):
+    """One open maildrop session (POP3's TRANSACTION state).
+
+    The message list is fixed when the session opens (:attr:`entries`, POP3's
+    numbering); methods name messages by their 0-based index in it. Deletion is kept by
+    the caller (RSET may undo it) and happens only at :meth:`commit`: a session that
+    ends any other way, or fails, deletes nothing. Coroutines fail with
+    :class:`~gatekeeper.errors.UpstreamUnavailable` or
+    :class:`~gatekeeper.errors.UpstreamRefused` as for :meth:`IPop3Upstream.open`.
+    """
+
+    entries: Sequence[MaildropEntry]
+
+    async def retrieve(index: int) -> bytes:
+        """The whole message, as stored (CRLF line ends)."""
+
+    async def top(index: int, lines: int) -> bytes:
+        """The message's header and the first ``lines`` lines of its body, as stored."""
+
+    async def commit(deleted: Sequence[int]) -> None:
+        """Delete exactly these messages and end the session (POP3's UPDATE state).
+
+        Returns once the deletions are permanent; raises if that cannot be confirmed.
+        """
+
+    def close() -> None:
+        """End the session at once, deleting nothing (the client went away)."""
