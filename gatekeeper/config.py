@@ -310,14 +310,23 @@ class SmtpConfig:
 
 @attrs.frozen
 class Pop3Config:
-    """``[pop3]``: POP3 with STLS (110) and POP3S (995)."""
+    """``[pop3]``: POP3 with STLS (110) and POP3S (995).
+
+    ``cache_bytes`` bounds the revealed (decrypted) messages one session keeps in memory,
+    so that a client listing sizes before it retrieves does not have everything
+    decrypted twice; nothing revealed is ever written to disk.
+    """
 
     listen: ListenerConfig = ListenerConfig("tcp:110", "tcp:995")
+    cache_bytes: int = 32 * 1024 * 1024
 
     @classmethod
     def read(cls, section: _Section) -> Pop3Config:
         """Read this section, naming the setting in any error."""
-        return cls(listen=ListenerConfig.read(section, 110, 995))
+        return cls(
+            listen=ListenerConfig.read(section, 110, 995),
+            cache_bytes=section.integer("cache_bytes", 32 * 1024 * 1024, minimum=0),
+        )
 
 
 @attrs.frozen
@@ -364,6 +373,7 @@ class UpstreamConfig:
     imap: UpstreamEndpoint | None = None
     ca_file: Path | None = None
     timeout_seconds: float = 30.0
+    pass_through: bool = True
 
     @property
     def embedded(self) -> bool:
@@ -379,13 +389,14 @@ class UpstreamConfig:
         imap = section.upstream("imap", "tls:mail.example.org:993")
         ca_file = section.optional_path("ca_file")
         timeout = section.number("timeout_seconds", 30.0, minimum=1.0)
+        pass_through = section.boolean("pass_through", True)
         if mode == "embedded":
             return cls(timeout_seconds=timeout)
         configured = [name for name, value in (("smtp", smtp), ("pop3", pop3), ("imap", imap)) if value]
         if configured and len(configured) != 3:
             missing = sorted({"smtp", "pop3", "imap"} - set(configured))[0]
             raise section.fail(missing, "set smtp, pop3 and imap together (or none, for the embedded store)")
-        return cls(smtp=smtp, pop3=pop3, imap=imap, ca_file=ca_file, timeout_seconds=timeout)
+        return cls(smtp=smtp, pop3=pop3, imap=imap, ca_file=ca_file, timeout_seconds=timeout, pass_through=pass_through)
 
 
 @attrs.frozen
@@ -746,6 +757,24 @@ class TrustConfig:
         )
 
 
+@attrs.frozen
+class InboundConfig:
+    """``[inbound]``: how fetched mail is reported.
+
+    ``plain_from_local``: what plain (unsigned, unencrypted) mail whose From is in one of
+    ``[server] domains`` gets: ``warn`` (the same warning as mail from outside: its
+    sender cannot be verified), ``note`` (a neutral report) or ``none`` (only the
+    ``X-Gatekeeper-Security`` header).
+    """
+
+    plain_from_local: str = "warn"
+
+    @classmethod
+    def read(cls, section: _Section) -> InboundConfig:
+        """Read this section, naming the setting in any error."""
+        return cls(plain_from_local=section.choice("plain_from_local", "warn", ("warn", "note", "none")))
+
+
 _SECTIONS: dict[str, Callable[[_Section], Any]] = {
     "server": ServerConfig.read,
     "smtp": SmtpConfig.read,
@@ -759,6 +788,7 @@ _SECTIONS: dict[str, Callable[[_Section], Any]] = {
     "policy": PolicyConfig.read,
     "admin": AdminConfig.read,
     "trust": TrustConfig.read,
+    "inbound": InboundConfig.read,
 }
 
 
@@ -779,6 +809,7 @@ class Config:
     policy: PolicyConfig
     admin: AdminConfig
     trust: TrustConfig = TrustConfig()
+    inbound: InboundConfig = InboundConfig()
 
 
 def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = None) -> Config:
