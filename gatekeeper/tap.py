@@ -34,6 +34,7 @@ from gatekeeper.capabilities import FileCapabilityStore
 from gatekeeper.config import DEFAULT_CONFIG_PATH, Config, ListenerConfig, load_config
 from gatekeeper.connections import Connections
 from gatekeeper.errors import GatekeeperError
+from gatekeeper.inbound import Revealer, RevealOptions, TrustSpec
 from gatekeeper.keys.ca import ca_certificate_path, load_tls_private_key
 from gatekeeper.keys.discovery import KeyManager, build_key_manager, keyring_path, make_threadpool
 from gatekeeper.keys.identity import Identity
@@ -43,6 +44,8 @@ from gatekeeper.keys.unlocking import identity_from_wire, unlock_from_store
 from gatekeeper.throttle import LoginThrottle
 from gatekeeper.tls import server_tls_options
 from gatekeeper.trust import TrustValidator, validator_from_config
+from gatekeeper.upstream.credentials import CredentialStore, LoginResolver
+from gatekeeper.upstream.pop3 import NetworkPop3Upstream
 from gatekeeper.workers import WorkerPool, background_priority
 
 log = Logger()
@@ -202,6 +205,8 @@ class Parts:
     keyring: KeyRing
     key_manager: KeyManager
     capabilities: FileCapabilityStore
+    inbound: Revealer
+    upstream_logins: LoginResolver
 
     def portal(self, interface: Any, make_avatar: AvatarFactory) -> Portal:
         """A portal for one protocol: the shared checker, that protocol's avatars."""
@@ -250,6 +255,20 @@ def build_parts(prepared: Prepared, reactor: Any, top: MultiService) -> Parts:
         store=prepared.store,
     )
     StopAction(key_manager.close).setServiceParent(top)
+    capabilities = FileCapabilityStore(config.keys.store / "capabilities")
+    inbound = Revealer(
+        message_workers,
+        TrustSpec.load(config.trust, extra_anchors=[built_in_ca]),
+        RevealOptions(local_domains=config.server.domains, plain_from_local=config.inbound.plain_from_local),
+        clock=reactor,
+        keyring=keyring,
+        capabilities=capabilities,
+    )
+    upstream_logins = LoginResolver(
+        CredentialStore(config.keys.store / "upstream-logins"),
+        message_workers.run,
+        pass_through=config.upstream.pass_through,
+    )
     return Parts(
         config=config,
         reactor=reactor,
@@ -262,7 +281,9 @@ def build_parts(prepared: Prepared, reactor: Any, top: MultiService) -> Parts:
         validator=validator,
         keyring=keyring,
         key_manager=key_manager,
-        capabilities=FileCapabilityStore(config.keys.store / "capabilities"),
+        capabilities=capabilities,
+        inbound=inbound,
+        upstream_logins=upstream_logins,
     )
 
 
@@ -277,9 +298,22 @@ def smtp_factory(parts: Parts) -> smtp_adapter.SubmissionFactory:
 
 
 def pop3_factory(parts: Parts) -> pop3_adapter.Pop3Factory:
-    """The POP3 adapter."""
+    """The POP3 proxy (with no upstream POP3 server configured: empty mailboxes)."""
+    upstream = parts.config.upstream
+    maildrops = (
+        NetworkPop3Upstream(parts.reactor, upstream.pop3, ca_file=upstream.ca_file, timeout=upstream.timeout_seconds)
+        if upstream.pop3 is not None
+        else None
+    )
+    avatars = pop3_adapter.make_mailbox_avatar(
+        maildrops,
+        resolver=parts.upstream_logins,
+        revealer=parts.inbound,
+        cache_bytes=parts.config.pop3.cache_bytes,
+        parallel=parts.message_workers.processes,
+    )
     return pop3_adapter.Pop3Factory(
-        parts.portal(pop3.IMailbox, pop3_adapter.make_mailbox_avatar()),
+        parts.portal(pop3.IMailbox, avatars),
         parts.tls,
         allow_plaintext_on_loopback=parts.config.tls.allow_plaintext_on_loopback,
     )
