@@ -715,19 +715,64 @@ class PolicyConfig:
         )
 
 
+def loopback_by_default(description: str) -> str:
+    """Bind a ``tcp:``/``tcp6:`` endpoint without ``interface=`` to loopback (admin listeners)."""
+    kind = description.partition(":")[0]
+    if kind not in ("tcp", "tcp6") or server_endpoint_interface(description) is not None:
+        return description
+    return description + (":interface=127.0.0.1" if kind == "tcp" else ":interface=\\:\\:1")
+
+
 @attrs.frozen
 class AdminConfig:
-    """``[admin]``: the administrative interfaces (all off unless given an endpoint)."""
+    """``[admin]``: the administrative interfaces (all off unless given an endpoint) and the audit log.
+
+    ``manhole`` (the SSH console, public-key login against ``authorized_keys``) and
+    ``metrics`` (Prometheus over HTTP) listen on loopback unless their endpoint names an
+    ``interface=``. ``audit_log`` defaults to ``audit.log`` in the key store.
+    ``check_user`` with ``check_password_file``/``check_password_env`` is the test
+    account ``gatekeeper check`` logs in to upstream with.
+    """
 
     manhole: str = ""
     authorized_keys: Path | None = None
+    metrics: str = ""
+    audit_log: Path | None = None
+    check_user: str | None = None
+    check_password_file: Path | None = None
+    check_password_env: str | None = None
 
     @classmethod
     def read(cls, section: _Section) -> AdminConfig:
         """Read this section, naming the setting in any error."""
+        manhole = loopback_by_default(section.listener("manhole", ""))
+        authorized_keys = section.optional_path("authorized_keys")
+        if manhole and authorized_keys is None:
+            raise section.fail("authorized_keys", "the manhole needs an authorized-keys file (public-key login only)")
+        if section.has("check_password"):
+            raise section.fail(
+                "check_password",
+                "passwords are not kept in the configuration file: use check_password_file or check_password_env",
+            )
+        check_user = section.optional_string("check_user") or None
+        password_file = section.optional_path("check_password_file")
+        password_env = section.optional_string("check_password_env") or None
+        if password_env is not None and not _ENV_NAME_RE.match(password_env):
+            raise section.fail(
+                "check_password_env", f"expected an environment variable name, got {_shown(password_env)}"
+            )
+        if password_file is not None and password_env is not None:
+            raise section.fail("check_password_env", "set check_password_file or check_password_env, not both")
+        if (password_file is None and password_env is None) != (check_user is None):
+            raise section.fail("check_user", "set check_user together with check_password_file or check_password_env")
         return cls(
-            manhole=section.listener("manhole", ""),
-            authorized_keys=section.optional_path("authorized_keys"),
+            manhole=manhole,
+            authorized_keys=authorized_keys,
+            metrics=loopback_by_default(section.listener("metrics", "")),
+            audit_log=section.optional_path("audit_log"),
+            check_user=check_user,
+            check_password_file=password_file,
+            check_password_env=password_env,
         )
 
 

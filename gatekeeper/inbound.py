@@ -200,6 +200,11 @@ class Report:
     text: str
 
     @property
+    def plain(self) -> bool:
+        """Whether the message had no S/MIME protection at all (and was opened without trouble)."""
+        return self.decrypted == "no" and self.signature == "none" and self.error is None
+
+    @property
     def summary(self) -> str:
         """The one-line, machine-readable verdict of the ``X-Gatekeeper-Security`` header."""
         items = [f"decrypted={self.decrypted}", f"signature={self.signature}"]
@@ -309,7 +314,11 @@ def reveal(
     entity, stripped = _strip_forged(entity, 0)
     removed += stripped
     report = _report(identity, opened, failure, sender, message_id, removed, options)
-    return _assemble(headers, entity, report, options), report
+    if report.plain and report.warning is None and options.plain_from_local == "none":
+        # Only the header: the message keeps its own header fields, in their order.
+        kept = b"".join(raw for name, raw in outer_fields if name not in _FORGED_FIELDS)
+        return _security_line(report) + kept + entity[_split(entity)[1] - 2 :], report
+    return _assemble(headers, entity, report), report
 
 
 def _is_content(name: str) -> bool:
@@ -693,18 +702,17 @@ def _report_part(text: str) -> bytes:
     )
 
 
-def _assemble(headers: bytes, entity: bytes, report: Report, options: RevealOptions) -> bytes:
-    security = f"{SECURITY_HEADER}: {report.summary}\r\n".encode()
+def _security_line(report: Report) -> bytes:
+    return f"{SECURITY_HEADER}: {report.summary}\r\n".encode()
+
+
+def _assemble(headers: bytes, entity: bytes, report: Report) -> bytes:
     has_version = any(name == "mime-version" for name, _ in _fields(headers))
     version = b"" if has_version else b"MIME-Version: 1.0\r\n"
-    plain = report.decrypted == "no" and report.signature == "none"
-    if plain and options.plain_from_local == "none" and report.warning is None:
-        # No report part: the header alone, the entity's own Content-* fields stay in place.
-        return security + headers + entity
     boundary = _boundary(entity, report.text)
     return b"".join(
         (
-            security,
+            _security_line(report),
             headers,
             version,
             b'Content-Type: multipart/mixed; boundary="' + boundary + b'"\r\n\r\n',

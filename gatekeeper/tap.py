@@ -29,6 +29,9 @@ from twisted.python.threadpool import ThreadPool
 from gatekeeper import imap as imap_adapter
 from gatekeeper import pop3 as pop3_adapter
 from gatekeeper import smtp as smtp_adapter
+from gatekeeper.admin.facade import Gatekeeper
+from gatekeeper.admin.manhole import manhole_factory, prepare_manhole
+from gatekeeper.audit import AuditService, audit_log_path
 from gatekeeper.auth import AvatarFactory, GatekeeperRealm, KeyUnlockingChecker, SessionRegistry, UnlockCache
 from gatekeeper.capabilities import FileCapabilityStore
 from gatekeeper.config import DEFAULT_CONFIG_PATH, Config, ListenerConfig, load_config
@@ -41,6 +44,7 @@ from gatekeeper.keys.identity import Identity
 from gatekeeper.keys.keyring import KeyRing
 from gatekeeper.keys.store import FileKeyStore
 from gatekeeper.keys.unlocking import identity_from_wire, unlock_from_store
+from gatekeeper.metrics import GatewayMetrics, MetricsService, metrics_site
 from gatekeeper.throttle import LoginThrottle
 from gatekeeper.tls import server_tls_options
 from gatekeeper.trust import TrustValidator, validator_from_config
@@ -89,6 +93,7 @@ def prepare(config: Config) -> Prepared:
             f"`gatekeeper init` creates one issued by the built-in CA"
         ) from None
     tls = server_tls_options(certificate_pem, load_tls_private_key(config))
+    prepare_manhole(config)
     return Prepared(config=config, tls=tls, store=FileKeyStore(store_root))
 
 
@@ -334,6 +339,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     top = MultiService()
     parts = build_parts(prepared, reactor, top)
     top.parts = parts  # type: ignore[attr-defined]
+    admin_services(parts, top)
     for what, listeners, factory in (
         ("SMTP", config.smtp.listen, smtp_factory(parts)),
         ("POP3", config.pop3.listen, pop3_factory(parts)),
@@ -341,6 +347,24 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     ):
         _add_listeners(top, reactor, what, listeners, factory, prepared.tls, factory.connections)
     return top
+
+
+def admin_services(parts: Parts, top: MultiService) -> None:
+    """The administrative side: the audit log, and metrics and the SSH manhole when configured."""
+    config = parts.config
+    AuditService(audit_log_path(config)).setServiceParent(top)
+    gk = Gatekeeper(parts, actor="gateway", via="python")
+    if config.admin.metrics:
+        metrics = GatewayMetrics(parts)
+        MetricsService(metrics).setServiceParent(top)
+        ListenerService(parts.reactor, config.admin.metrics, metrics_site(metrics), "metrics (HTTP)").setServiceParent(
+            top
+        )
+    if config.admin.manhole:
+        manhole = manhole_factory(gk, config)
+        ListenerService(
+            parts.reactor, config.admin.manhole, manhole, "manhole (SSH)", manhole.connections
+        ).setServiceParent(top)
 
 
 def _add_listeners(

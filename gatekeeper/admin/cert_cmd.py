@@ -13,6 +13,7 @@ from typing import Any
 from cryptography import x509
 
 from gatekeeper.admin import cli
+from gatekeeper.audit import admin_event, cli_actor
 from gatekeeper.config import Config
 from gatekeeper.keys.keyring import KeyRing, certificate_addresses, fingerprint
 
@@ -56,6 +57,7 @@ def run_import(args: argparse.Namespace) -> int:
     for data in contents:
         for certificate in keyring.import_certificates(data):
             cli.output(f"imported {_describe(certificate)}")
+            admin_event("import_cert", fingerprint(certificate), actor=cli_actor(), via="cli")
             count += 1
     cli.output(f"{count} certificate(s) imported")
     return 0
@@ -76,6 +78,7 @@ def run_remove(args: argparse.Namespace) -> int:
     if not open_keyring(cli.load(args)).remove(args.fingerprint):
         cli.output(f"no certificate with fingerprint {args.fingerprint}")
         return 1
+    admin_event("remove_cert", args.fingerprint, actor=cli_actor(), via="cli")
     cli.output(f"removed {args.fingerprint}")
     return 0
 

@@ -28,6 +28,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from gatekeeper.audit import cli_audit_trail
 from gatekeeper.config import DEFAULT_CONFIG_PATH, Config, load_config
 from gatekeeper.errors import ConfigError, GatekeeperError, InvalidPassword
 
@@ -49,6 +50,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gatekeeper.admin.cert_cmd",
     "gatekeeper.admin.smime_cmd",
     "gatekeeper.admin.lookup_cmd",
+    "gatekeeper.admin.check_cmd",
+    "gatekeeper.admin.audit_cmd",
 )
 
 MAX_PASSWORD_FILE = 4096
@@ -178,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 0
     debug = bool(getattr(args, "debug", False))
     try:
-        status = args.handler(args)
+        with cli_audit_trail(lambda: load(args)):  # admin changes are audited, as through the console
+            status = args.handler(args)
     except (ConfigError, UsageError) as error:
         _fail(str(error))
         return 2

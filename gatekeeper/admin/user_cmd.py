@@ -17,6 +17,7 @@ from cryptography import x509
 
 from gatekeeper.address import normalize_address
 from gatekeeper.admin import cli
+from gatekeeper.audit import admin_event, cli_actor
 from gatekeeper.config import Config
 from gatekeeper.errors import KeyStoreError
 from gatekeeper.interfaces import StoredUser
@@ -91,6 +92,7 @@ def run_add(args: argparse.Namespace) -> int:
     address = normalize_address(args.address)  # a typo is reported before the password is asked
     password = cli.read_password(args.password_file, f"Password for {address}: ", confirm=True)
     user = accounts.add(address, password)
+    admin_event("add_user", user.address, actor=cli_actor(), via="cli")
     certificate = user.current.certificate
     cli.output(f"added {user.address}: key {user.current.key_id}, certificate valid until {_date(certificate)}")
     return 0
@@ -125,6 +127,7 @@ def run_passwd(args: argparse.Namespace) -> int:
     old = cli.read_password(args.old_password_file, f"Current password of {user.address}: ")
     new = cli.read_password(args.new_password_file, f"New password for {user.address}: ", confirm=True)
     updated = accounts.change_password(user.address, old, new)
+    admin_event("passwd", updated.address, actor=cli_actor(), via="cli")
     cli.output(f"changed the password of {updated.address} ({len(updated.keys)} keys re-encrypted)")
     return 0
 
@@ -137,6 +140,7 @@ def run_rotate(args: argparse.Namespace) -> int:
     if args.password_file is not None or args.ask_password:
         password = cli.read_password(args.password_file, f"Password of {user.address}: ")
     updated = accounts.rotate(user.address, password)
+    admin_event("rotate", updated.address, actor=cli_actor(), via="cli")
     certificate = current_certificate(updated)
     if updated.pending:
         cli.output(
@@ -160,6 +164,7 @@ def run_delete(args: argparse.Namespace) -> int:
             cli.output("not deleted")
             return 1
     accounts.delete(user.address)
+    admin_event("delete_user", user.address, actor=cli_actor(), via="cli")
     cli.output(f"deleted {user.address}; its certificates are revoked")
     return 0
 
@@ -179,6 +184,7 @@ def run_export(args: argparse.Namespace) -> int:
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+    admin_event("export", user.address, actor=cli_actor(), via="cli")
     cli.output(f"wrote {out} ({'3DES, legacy' if args.legacy else 'AES-256'}) for {user.address}")
     return 0
 
