@@ -10,6 +10,7 @@ gateway's host key), in a thread while the reactor serves the session.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import re
@@ -371,6 +372,8 @@ class ManholeOverSshTests(TestCase):
         self.assertEqual(len(added), 1)
         self.assertEqual((added[0]["via"], added[0]["actor"]), ("manhole", "admin (key test admin key)"))
         self.assertNotIn(CAROL_PASSWORD, "\n".join(lines))
+        # The failed add_user was shown in the console, not left as an unhandled error.
+        gc.collect()
 
     def refused(self, key: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

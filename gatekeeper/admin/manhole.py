@@ -248,6 +248,12 @@ class GatekeeperInterpreter(ManholeInterpreter):
         helper = pydoc.Helper(io.StringIO(), FileWrapper(handler))  # type: ignore[arg-type]
         self.monkeyPatcher.addPatch(pydoc, "help", helper)
 
+    def displayhook(self, obj: Any) -> None:
+        """Show a result; a Deferred's failure, once shown, is handled (not logged as unhandled)."""
+        super().displayhook(obj)
+        if isinstance(obj, Deferred):
+            obj.addErrback(lambda _: None)
+
 
 class GatekeeperManhole(Manhole):
     """The manhole protocol with :class:`GatekeeperInterpreter`."""
