@@ -331,14 +331,33 @@ class Pop3Config:
 
 @attrs.frozen
 class ImapConfig:
-    """``[imap]``: IMAP with STARTTLS (143) and IMAPS (993)."""
+    """``[imap]``: IMAP with STARTTLS (143) and IMAPS (993), and the proxy's limits.
+
+    ``cache_bytes`` bounds each user's in-memory cache of revealed (decrypted) messages,
+    kept ``cache_linger_seconds`` after the user's last session; ``encrypt_folders``
+    names the mailboxes whose appended messages are encrypted to the user's own
+    certificate before they are stored (e.g. ``["Sent", "Drafts"]``); without IDLE
+    upstream, a client in IDLE is updated by polling every ``idle_poll_seconds``.
+    """
 
     listen: ListenerConfig = ListenerConfig("tcp:143", "tcp:993")
+    cache_bytes: int = 64 * 1024 * 1024
+    cache_linger_seconds: float = 300.0
+    encrypt_folders: tuple[str, ...] = ()
+    idle_poll_seconds: float = 30.0
+    max_append_size: int = 50 * 1024 * 1024
 
     @classmethod
     def read(cls, section: _Section) -> ImapConfig:
         """Read this section, naming the setting in any error."""
-        return cls(listen=ListenerConfig.read(section, 143, 993))
+        return cls(
+            listen=ListenerConfig.read(section, 143, 993),
+            cache_bytes=section.integer("cache_bytes", 64 * 1024 * 1024, minimum=0),
+            cache_linger_seconds=section.number("cache_linger_seconds", 300.0),
+            encrypt_folders=section.string_list("encrypt_folders"),
+            idle_poll_seconds=section.number("idle_poll_seconds", 30.0, minimum=1.0),
+            max_append_size=section.integer("max_append_size", 50 * 1024 * 1024, minimum=1024),
+        )
 
 
 @attrs.frozen

@@ -7,10 +7,12 @@ directory, the network upstream) and its in-package fake must both be easy to wr
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 from cryptography import x509
+from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
 
@@ -184,3 +186,182 @@ class IPop3Maildrop(Interface):
 
     def close() -> None:
         """End the session at once, deleting nothing (the client went away)."""
+# -- the mail store behind the IMAP proxy -------------------------------------------------
+#
+# The IMAP proxy (gatekeeper/imap_proxy.py) reads and changes mailboxes through one
+# logged-in IMailStoreSession: the upstream IMAP server (gatekeeper/upstream/imap.py),
+# or, for the embedded default, a local store. Messages are named by UID only, message
+# sets and FETCH items are IMAP syntax (RFC 3501), and what the store reports on its own
+# (new mail, expunges, flags changed by another client) goes to an IMailStoreEvents.
+
+
+@attrs.frozen
+class MailboxEntry:
+    """One mailbox as LIST or LSUB reports it (``attributes`` like ``\\HasNoChildren``)."""
+
+    name: str
+    delimiter: str | None
+    attributes: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class SelectInfo:
+    """What SELECT/EXAMINE told about a mailbox, and the UIDs of its messages in order.
+
+    ``exists`` is the last EXISTS count seen; when it is larger than ``len(uids)``,
+    messages arrived after the UIDs were listed (their UIDs are learned later).
+    """
+
+    name: str
+    uidvalidity: int
+    uidnext: int
+    uids: Sequence[int]
+    flags: tuple[str, ...] = ()
+    permanent_flags: tuple[str, ...] | None = None
+    recent: int = 0
+    exists: int = 0
+    unseen: int | None = None
+    readonly: bool = False
+
+
+@attrs.frozen
+class FetchResponse:
+    """One FETCH response: the store's message number and the item list as received.
+
+    ``data`` is the parenthesised list exactly as the store sent it, literals inline
+    (``(UID 7 FLAGS (\\Seen) BODY[] {5}\\r\\nhello)``); ``uid`` is its UID item when present.
+    """
+
+    seq: int
+    uid: int | None
+    data: bytes
+
+
+@attrs.frozen
+class CopiedUids:
+    """UIDPLUS's COPYUID: where copied or moved messages went."""
+
+    uidvalidity: int
+    source: tuple[int, ...]
+    destination: tuple[int, ...]
+
+
+@attrs.frozen
+class Appended:
+    """UIDPLUS's APPENDUID (both None when the store does not say)."""
+
+    uidvalidity: int | None = None
+    uid: int | None = None
+
+
+class MailStoreError(Exception):
+    """The store refused a command (``NO``/``BAD``): ``code`` is its response code, if any.
+
+    The text is the proxy's own and safe to show; the store's words are never passed on.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class IMailStoreEvents(Interface):
+    """What a mail store session reports without being asked (IMAP's unsolicited responses)."""
+
+    def exists(count: int) -> None:
+        """The selected mailbox now holds ``count`` messages."""
+
+    def recent(count: int) -> None:
+        """``count`` messages are \\Recent."""
+
+    def expunged(seq: int) -> None:
+        """Message ``seq`` (the store's numbering) is gone; later ones moved down."""
+
+    def fetched(response: FetchResponse) -> None:
+        """A FETCH response nobody asked for (flags changed by another session)."""
+
+    def uidvalidity(value: int) -> None:
+        """The selected mailbox's UIDVALIDITY is now ``value``."""
+
+    def session_lost(reason: str) -> None:
+        """The session is gone (connection lost, BYE, time-out); ``reason`` is safe to log."""
+
+
+class IMailStoreSession(Interface):
+    """One logged-in session with the mail store; every method returns a Deferred.
+
+    Failures: :class:`MailStoreError` when the store says NO or BAD, and
+    :class:`~gatekeeper.errors.UpstreamUnavailable` when it cannot be reached, is too
+    slow, or the session is lost. Commands run one at a time in the order given.
+    """
+
+    capabilities: frozenset[str]
+    delimiter: str | None
+
+    def set_listener(events: IMailStoreEvents) -> None:
+        """Send unsolicited responses to ``events`` from now on."""
+
+    def list_mailboxes(reference: str, pattern: str, subscribed: bool = False) -> Deferred[list[MailboxEntry]]:
+        """Fire with the matching :class:`MailboxEntry` list (LIST, or LSUB if ``subscribed``)."""
+
+    def status(mailbox: str, items: Sequence[str]) -> Deferred[dict[str, int]]:
+        """Fire with ``{item: number}`` for STATUS items like ``MESSAGES``, ``UIDNEXT``."""
+
+    def select(mailbox: str, readonly: bool = False) -> Deferred[SelectInfo]:
+        """SELECT (or EXAMINE); fire with a :class:`SelectInfo`."""
+
+    def close() -> Deferred[Any]:
+        """CLOSE: remove \\Deleted messages (read-write only) silently and unselect."""
+
+    def unselect() -> Deferred[Any]:
+        """Leave the selected mailbox without removing anything (UNSELECT, RFC 3691)."""
+
+    def create(mailbox: str) -> Deferred[Any]:
+        """CREATE."""
+
+    def delete(mailbox: str) -> Deferred[Any]:
+        """DELETE."""
+
+    def rename(old: str, new: str) -> Deferred[Any]:
+        """RENAME."""
+
+    def subscribe(mailbox: str) -> Deferred[Any]:
+        """SUBSCRIBE."""
+
+    def unsubscribe(mailbox: str) -> Deferred[Any]:
+        """UNSUBSCRIBE."""
+
+    def fetch(uids: bytes, items: bytes, sink: Callable[[FetchResponse], None]) -> Deferred[Any]:
+        """UID FETCH ``uids`` ``items``; call ``sink(FetchResponse)`` for each answer as it arrives."""
+
+    def search(criteria: bytes, charset: str | None = None) -> Deferred[list[int]]:
+        """UID SEARCH; fire with the matching UIDs."""
+
+    def store(uids: bytes, operation: bytes, flags: Sequence[str]) -> Deferred[Any]:
+        """UID STORE ``uids`` ``operation`` (``+FLAGS.SILENT``...) ``flags``; answers go to the listener."""
+
+    def copy(uids: bytes, mailbox: str) -> Deferred[CopiedUids | None]:
+        """UID COPY; fire with :class:`CopiedUids` or None."""
+
+    def move(uids: bytes, mailbox: str) -> Deferred[CopiedUids | None]:
+        """UID MOVE (RFC 6851); fire with :class:`CopiedUids` or None; expunges go to the listener."""
+
+    def expunge(uids: bytes | None = None) -> Deferred[Any]:
+        """EXPUNGE, or UID EXPUNGE ``uids`` (RFC 4315); expunges go to the listener."""
+
+    def append(
+        mailbox: str, message: bytes, flags: Sequence[str] = (), date: bytes | None = None
+    ) -> Deferred[Appended]:
+        """APPEND; fire with :class:`Appended`."""
+
+    def noop() -> Deferred[Any]:
+        """NOOP: let the store report changes."""
+
+    def idle() -> Deferred[Any]:
+        """Start IDLE (fires once the store accepted it); changes go to the listener meanwhile."""
+
+    def stop_idle() -> Deferred[Any]:
+        """End IDLE; fires when the store has finished it."""
+
+    def logout() -> Deferred[Any]:
+        """LOGOUT and close the connection; never fails."""

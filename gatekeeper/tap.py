@@ -325,11 +325,23 @@ def pop3_factory(parts: Parts) -> pop3_adapter.Pop3Factory:
 
 
 def imap_factory(parts: Parts) -> imap_adapter.ImapFactory:
-    """The IMAP adapter."""
+    """The IMAP proxy (with no upstream IMAP server configured: no mailboxes)."""
+    config = parts.config
+    backend = None
+    if config.upstream.imap is not None:
+        backend = imap_adapter.proxy_backend(
+            parts.reactor,
+            config.upstream,
+            config.imap,
+            revealer=parts.inbound,
+            resolve=parts.upstream_logins.resolve,
+            workers=parts.message_workers,
+        )
     return imap_adapter.ImapFactory(
-        parts.portal(imap4.IAccount, imap_adapter.make_account_avatar()),
+        parts.portal(imap4.IAccount, imap_adapter.make_account_avatar(backend)),
         parts.tls,
-        allow_plaintext_on_loopback=parts.config.tls.allow_plaintext_on_loopback,
+        allow_plaintext_on_loopback=config.tls.allow_plaintext_on_loopback,
+        max_append_size=config.imap.max_append_size,
     )
 
 

@@ -9,6 +9,7 @@ reactor it is given. Clients verify the gateway's TLS certificate with :attr:`ca
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,21 @@ LISTENERS = ("smtp", "pop3", "imap")
 class GatewayHarness:
     """One gateway instance under ``directory`` (created if missing)."""
 
-    def __init__(self, directory: Path, *, extra_config: str = "", domains: tuple[str, ...] = ("example.org",)) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        extra_config: str = "",
+        domains: tuple[str, ...] = ("example.org",),
+        protocol_config: Mapping[str, str] | None = None,
+    ) -> None:
+        """``protocol_config`` adds lines to the ``[smtp]``, ``[pop3]`` or ``[imap]`` section (by name)."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        more = protocol_config or {}
         listeners = "".join(
             f'[{name}]\nstarttls = "tcp:0:interface=127.0.0.1"\ntls = "tcp:0:interface=127.0.0.1"\n'
+            + (more[name].rstrip("\n") + "\n" if name in more else "")
             for name in LISTENERS
         )
         domain_list = ", ".join(f'"{d}"' for d in domains)
