@@ -294,10 +294,18 @@ class ListenerConfig:
 
 @attrs.frozen
 class SmtpConfig:
-    """``[smtp]``: the submission listeners (587 STARTTLS, 465 implicit TLS) and their limits."""
+    """``[smtp]``: the submission listeners (587 STARTTLS, 465 implicit TLS) and their limits.
+
+    A message larger than ``spool_threshold`` bytes is written to a private temporary
+    file in ``spool_directory`` (default: the system's temporary directory) while it is
+    received and protected, and deleted when the transaction ends.
+    """
 
     listen: ListenerConfig = ListenerConfig("tcp:587", "tcp:465")
     max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    spool_threshold: int = 1024 * 1024
+    spool_directory: Path | None = None
 
     @classmethod
     def read(cls, section: _Section) -> SmtpConfig:
@@ -305,6 +313,9 @@ class SmtpConfig:
         return cls(
             listen=ListenerConfig.read(section, 587, 465),
             max_message_size=section.integer("max_message_size", 50 * 1024 * 1024, minimum=1024),
+            max_recipients=section.integer("max_recipients", 100, minimum=1, maximum=10_000),
+            spool_threshold=section.integer("spool_threshold", 1024 * 1024, minimum=0),
+            spool_directory=section.optional_path("spool_directory"),
         )
 
 
@@ -385,7 +396,14 @@ class TlsConfig:
 
 @attrs.frozen
 class UpstreamConfig:
-    """``[upstream]``: the real mail server; all three unset means the embedded local store."""
+    """``[upstream]``: the real mail server; all three unset means the embedded local store.
+
+    SMTP relaying may log in to the upstream server as ``smtp_user`` (only over TLS) with
+    the password from ``smtp_password_file`` or ``smtp_password_env``; up to
+    ``smtp_connections`` idle connections are kept for reuse. With ``verify_recipients``
+    every ``RCPT TO`` is first asked of the upstream server, so a recipient it refuses
+    is refused to the client at once.
+    """
 
     smtp: UpstreamEndpoint | None = None
     pop3: UpstreamEndpoint | None = None
@@ -393,6 +411,11 @@ class UpstreamConfig:
     ca_file: Path | None = None
     timeout_seconds: float = 30.0
     pass_through: bool = True
+    smtp_user: str | None = None
+    smtp_password_file: Path | None = None
+    smtp_password_env: str | None = None
+    smtp_connections: int = 4
+    verify_recipients: bool = True
 
     @property
     def embedded(self) -> bool:
@@ -409,13 +432,47 @@ class UpstreamConfig:
         ca_file = section.optional_path("ca_file")
         timeout = section.number("timeout_seconds", 30.0, minimum=1.0)
         pass_through = section.boolean("pass_through", True)
+        smtp_user = section.optional_string("smtp_user") or None
+        password_file = section.optional_path("smtp_password_file")
+        password_env = section.optional_string("smtp_password_env") or None
+        if section.has("smtp_password"):
+            raise section.fail(
+                "smtp_password",
+                "passwords are not kept in the configuration file: use smtp_password_file or smtp_password_env",
+            )
+        if password_env is not None and not _ENV_NAME_RE.match(password_env):
+            raise section.fail(
+                "smtp_password_env", f"expected an environment variable name, got {_shown(password_env)}"
+            )
+        if password_file is not None and password_env is not None:
+            raise section.fail("smtp_password_env", "set smtp_password_file or smtp_password_env, not both")
+        if (password_file or password_env) and smtp_user is None:
+            raise section.fail("smtp_user", "an SMTP password is configured but no smtp_user")
+        if smtp_user is not None and not (password_file or password_env):
+            raise section.fail("smtp_user", "set smtp_password_file or smtp_password_env for it")
+        if smtp_user is not None and smtp is not None and smtp.security == "tcp":
+            raise section.fail("smtp_user", "a password is only sent over TLS: use a tls: or starttls: smtp endpoint")
+        connections = section.integer("smtp_connections", 4, minimum=0, maximum=100)
+        verify = section.boolean("verify_recipients", True)
         if mode == "embedded":
             return cls(timeout_seconds=timeout)
         configured = [name for name, value in (("smtp", smtp), ("pop3", pop3), ("imap", imap)) if value]
         if configured and len(configured) != 3:
             missing = sorted({"smtp", "pop3", "imap"} - set(configured))[0]
             raise section.fail(missing, "set smtp, pop3 and imap together (or none, for the embedded store)")
-        return cls(smtp=smtp, pop3=pop3, imap=imap, ca_file=ca_file, timeout_seconds=timeout, pass_through=pass_through)
+        return cls(
+            smtp=smtp,
+            pop3=pop3,
+            imap=imap,
+            ca_file=ca_file,
+            timeout_seconds=timeout,
+            smtp_user=smtp_user,
+            smtp_password_file=password_file,
+            smtp_password_env=password_env,
+            smtp_connections=connections,
+            verify_recipients=verify,
+            pass_through=pass_through,
+        )
 
 
 @attrs.frozen
@@ -718,20 +775,90 @@ class DirectoryConfig:
         )
 
 
+ENCRYPTION_RULES = ("opportunistic", "mandatory")
+SIGN_RULES = ("always", "never")
+
+
+@attrs.frozen
+class PolicyRule:
+    """One entry of ``[policy.domains]`` or ``[policy.addresses]``.
+
+    ``target`` is a normalised domain (which covers its subdomains too) or address;
+    ``encryption`` and ``sign`` are None where the entry leaves the setting to the
+    next less specific rule.
+    """
+
+    target: str
+    encryption: str | None = None
+    sign: str | None = None
+
+
 @attrs.frozen
 class PolicyConfig:
-    """``[policy]``: when encryption is mandatory and when mail is signed."""
+    """``[policy]``: when encryption is mandatory, when mail is signed, who may send as whom.
+
+    ``default`` and ``sign`` apply to every recipient no rule names; ``domains`` and
+    ``addresses`` are rules for recipients (an address rule wins over a domain rule, a
+    longer domain over a shorter one). Each is written ``"partner.example" =
+    "mandatory"`` or ``"partner.example" = { encryption = "mandatory", sign = "never" }``.
+    ``sender_aliases`` lists, per user, the other ``MAIL FROM`` addresses the user may
+    send as; ``outbound_header`` adds ``X-Gatekeeper-Outbound`` to relayed mail.
+    """
 
     default: str = "opportunistic"
     sign: str = "always"
+    domains: tuple[PolicyRule, ...] = ()
+    addresses: tuple[PolicyRule, ...] = ()
+    sender_aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    outbound_header: bool = False
 
     @classmethod
     def read(cls, section: _Section) -> PolicyConfig:
-        """Read this section, naming the setting in any error."""
+        """Read this section and its ``domains``, ``addresses`` and ``sender_aliases`` tables."""
+        domains = []
+        for domain, value in section.table_of("domains").items():
+            target = section.address("domains", f"postmaster@{domain}").partition("@")[2]
+            domains.append(_policy_rule(section, "domains", domain, target, value))
+        addresses = []
+        for address, value in section.table_of("addresses").items():
+            addresses.append(_policy_rule(section, "addresses", address, section.address("addresses", address), value))
+        aliases = []
+        for user, value in section.table_of("sender_aliases").items():
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise section.fail("sender_aliases", f"{user}: expected a list of addresses, got {_shown(value)}")
+            aliases.append(
+                (
+                    section.address("sender_aliases", user),
+                    tuple(section.address("sender_aliases", item) for item in value),
+                )
+            )
         return cls(
-            default=section.choice("default", "opportunistic", ("opportunistic", "mandatory")),
-            sign=section.choice("sign", "always", ("always", "never")),
+            default=section.choice("default", "opportunistic", ENCRYPTION_RULES),
+            sign=section.choice("sign", "always", SIGN_RULES),
+            domains=tuple(domains),
+            addresses=tuple(addresses),
+            sender_aliases=tuple(aliases),
+            outbound_header=section.boolean("outbound_header", False),
         )
+
+
+def _policy_rule(section: _Section, table: str, name: str, target: str, value: Any) -> PolicyRule:
+    """One rule: ``"mandatory"`` or ``{ encryption = "...", sign = "..." }``."""
+    where = f"{table}: {name}"
+    if isinstance(value, str):
+        value = {"encryption": value}
+    if not isinstance(value, dict) or not value:
+        raise section.fail(where, f'expected "mandatory", "opportunistic" or a table, got {_shown(value)}')
+    unknown = sorted(set(value) - {"encryption", "sign"})
+    if unknown:
+        raise section.fail(where, f"unknown setting {unknown[0]!r} (known: encryption, sign)")
+    encryption, sign = value.get("encryption"), value.get("sign")
+    if encryption is not None and encryption not in ENCRYPTION_RULES:
+        choices = ", ".join(ENCRYPTION_RULES)
+        raise section.fail(where, f"encryption: expected one of {choices}, got {_shown(encryption)}")
+    if sign is not None and sign not in SIGN_RULES:
+        raise section.fail(where, f"sign: expected one of {', '.join(SIGN_RULES)}, got {_shown(sign)}")
+    return PolicyRule(target=target, encryption=encryption, sign=sign)
 
 
 def loopback_by_default(description: str) -> str:

@@ -93,6 +93,33 @@ class UpstreamUnavailable(TemporaryError):
     """The upstream mail server could not be reached or timed out."""
 
 
+class RelayRefused(GatekeeperError):
+    """The server mail is relayed to refused a sender, a recipient or a message; nothing was kept.
+
+    ``temporary`` follows the server's reply code (4xx or 5xx); ``recipient`` names the
+    recipient it refused, if it was one. The message quotes the server's reply text.
+    """
+
+    def __init__(self, message: str, *, code: int, status: str, recipient: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.recipient = recipient
+        self.temporary = 400 <= code < 500
+
+
+class MessageRejected(PermanentError):
+    """A submitted message cannot be sent as it is (and cannot be repaired).
+
+    ``status`` is the enhanced status code (RFC 3463) that fits, e.g. ``5.6.0``; the
+    message says what is wrong in words safe to show to the client.
+    """
+
+    def __init__(self, message: str, *, status: str = "5.6.0") -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class UpstreamRefused(GatekeeperError):
     """The upstream mail server answered a request with an error (e.g. POP3 ``-ERR``).
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -115,6 +116,95 @@ class ICertificatePublisher(Interface):
 
     def unpublish(address: str) -> None:
         """Remove every certificate published for ``address`` (synchronous)."""
+
+
+# -- relaying submitted mail ------------------------------------------------------
+
+
+@attrs.frozen
+class RelayReply:
+    """One reply of the server mail is relayed to: the code and its text (no code prefix).
+
+    ``text`` starts with the enhanced status code (``5.1.1 ...``) where the server gave
+    one; it is the server's wording, so it may be shown to the sender.
+    """
+
+    code: int
+    text: str
+
+    @property
+    def accepted(self) -> bool:
+        """2xx."""
+        return 200 <= self.code < 300
+
+    @property
+    def temporary(self) -> bool:
+        """4xx (and the codes a connection failure is reported as)."""
+        return 400 <= self.code < 500
+
+    @property
+    def status(self) -> str:
+        """The enhanced status code: the server's, or a generic one for the code's class."""
+        head = self.text.split(" ", 1)[0]
+        parts = head.split(".")
+        if len(parts) == 3 and all(p.isdigit() for p in parts) and head[0] in "245":
+            return head
+        return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(self.code // 100, "4.0.0")
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+@attrs.frozen
+class RelayCopy:
+    """One copy of a submitted message: who it is from, to whom, and its bytes.
+
+    ``message`` is the whole message with CRLF line ends, as bytes or as the path of a
+    private spool file holding them. ``eight_bit`` marks content that is not 7-bit.
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+    message: bytes | Path = attrs.field(repr=False)
+    eight_bit: bool = False
+
+
+@attrs.frozen
+class RelayOutcome:
+    """What became of one copy: each recipient's reply, and the reply to the message itself."""
+
+    recipients: tuple[tuple[str, RelayReply], ...]
+    reply: RelayReply
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the server took responsibility for the copy."""
+        return self.reply.accepted
+
+
+class ISubmissionRelay(Interface):
+    """Where authenticated submissions go once protected: the upstream server or the local store.
+
+    Both methods are coroutines. A relay is asked about each recipient when the client
+    names it, then hands the finished copies on all together.
+    """
+
+    async def verify(sender: str, recipient: str) -> RelayReply:
+        """Would mail from ``sender`` to ``recipient`` be accepted? Returns the reply to the recipient.
+
+        Raises :class:`~gatekeeper.errors.UpstreamUnavailable` when the relay cannot be asked.
+        """
+
+    async def relay(copies: Sequence[RelayCopy]) -> tuple[RelayOutcome, ...]:
+        """Deliver every copy, or none: one outcome per copy, in order.
+
+        Raises :class:`~gatekeeper.errors.RelayRefused` (nothing was kept) when a sender,
+        a recipient or a copy was refused before any copy was committed, and
+        :class:`~gatekeeper.errors.UpstreamUnavailable` when the relay failed before
+        that. Copies are committed together at the end, so the only partial result is a
+        copy refused at its very end after another was accepted: its outcome then is
+        not ``accepted``.
+        """
 
 
 # -- the maildrop behind the POP3 proxy ---------------------------------------------------

@@ -38,6 +38,7 @@ from gatekeeper.config import DEFAULT_CONFIG_PATH, Config, ListenerConfig, load_
 from gatekeeper.connections import Connections
 from gatekeeper.errors import GatekeeperError
 from gatekeeper.inbound import Revealer, RevealOptions, TrustSpec
+from gatekeeper.interfaces import ISubmissionRelay
 from gatekeeper.keys.ca import ca_certificate_path, load_tls_private_key
 from gatekeeper.keys.discovery import KeyManager, build_key_manager, keyring_path, make_threadpool
 from gatekeeper.keys.identity import Identity
@@ -45,11 +46,13 @@ from gatekeeper.keys.keyring import KeyRing
 from gatekeeper.keys.store import FileKeyStore
 from gatekeeper.keys.unlocking import identity_from_wire, unlock_from_store
 from gatekeeper.metrics import GatewayMetrics, MetricsService, metrics_site
+from gatekeeper.outbound import OutboundPipeline
 from gatekeeper.throttle import LoginThrottle
 from gatekeeper.tls import server_tls_options
 from gatekeeper.trust import TrustValidator, validator_from_config
 from gatekeeper.upstream.credentials import CredentialStore, LoginResolver
 from gatekeeper.upstream.pop3 import NetworkPop3Upstream
+from gatekeeper.upstream.smtp import SmtpRelay, read_smtp_password
 from gatekeeper.workers import WorkerPool, background_priority
 
 log = Logger()
@@ -93,6 +96,7 @@ def prepare(config: Config) -> Prepared:
             f"`gatekeeper init` creates one issued by the built-in CA"
         ) from None
     tls = server_tls_options(certificate_pem, load_tls_private_key(config))
+    read_smtp_password(config.upstream)  # a missing upstream password file is reported now
     prepare_manhole(config)
     return Prepared(config=config, tls=tls, store=FileKeyStore(store_root))
 
@@ -123,7 +127,10 @@ class PoolService(Service):
 
 
 class StopAction(Service):
-    """Runs a cleanup when the application stops (e.g. dropping unlocked keys from memory)."""
+    """Runs a cleanup when the application stops (e.g. dropping unlocked keys from memory).
+
+    An action that returns a Deferred (closing connections) is waited for.
+    """
 
     def __init__(self, action: Callable[[], object]) -> None:
         self.action = action
@@ -131,8 +138,8 @@ class StopAction(Service):
     def stopService(self) -> Deferred[None] | None:
         """Run the action."""
         super().stopService()
-        self.action()
-        return None
+        result = self.action()
+        return result if isinstance(result, Deferred) else None
 
 
 class ListenerService(Service):
@@ -212,6 +219,7 @@ class Parts:
     capabilities: FileCapabilityStore
     inbound: Revealer
     upstream_logins: LoginResolver
+    relay: ISubmissionRelay | None = None  # where SMTP submissions go (None: nowhere configured)
 
     def portal(self, interface: Any, make_avatar: AvatarFactory) -> Portal:
         """A portal for one protocol: the shared checker, that protocol's avatars."""
@@ -274,6 +282,9 @@ def build_parts(prepared: Prepared, reactor: Any, top: MultiService) -> Parts:
         message_workers.run,
         pass_through=config.upstream.pass_through,
     )
+    relay = SmtpRelay.from_config(reactor, config.upstream, config.server.hostname)
+    if relay is not None:
+        StopAction(relay.close).setServiceParent(top)
     return Parts(
         config=config,
         reactor=reactor,
@@ -289,16 +300,36 @@ def build_parts(prepared: Prepared, reactor: Any, top: MultiService) -> Parts:
         capabilities=capabilities,
         inbound=inbound,
         upstream_logins=upstream_logins,
+        relay=relay,
     )
 
 
 def smtp_factory(parts: Parts) -> smtp_adapter.SubmissionFactory:
-    """The SMTP submission adapter."""
+    """The SMTP submission adapter over the outbound pipeline (relaying to ``parts.relay``)."""
+    config = parts.config
+    pipeline = OutboundPipeline(
+        key_manager=parts.key_manager,
+        workers=parts.message_workers,
+        relay=parts.relay,
+        policy=config.policy,
+        hostname=config.server.hostname,
+        capabilities=parts.capabilities,
+        verify_recipients=config.upstream.verify_recipients,
+        spool_directory=config.smtp.spool_directory,
+        clock=parts.reactor,
+    )
     return smtp_adapter.SubmissionFactory(
-        parts.portal(smtp.IMessageDelivery, smtp_adapter.make_delivery_avatar()),
+        parts.portal(smtp.IMessageDelivery, smtp_adapter.make_delivery_avatar(pipeline)),
         parts.tls,
-        hostname=parts.config.server.hostname,
-        allow_plaintext_on_loopback=parts.config.tls.allow_plaintext_on_loopback,
+        hostname=config.server.hostname,
+        allow_plaintext_on_loopback=config.tls.allow_plaintext_on_loopback,
+        limits=smtp_adapter.SubmissionLimits(
+            max_message_size=config.smtp.max_message_size,
+            max_recipients=config.smtp.max_recipients,
+            spool_threshold=config.smtp.spool_threshold,
+            spool_directory=config.smtp.spool_directory,
+        ),
+        clock=parts.reactor,
     )
 
 

@@ -149,7 +149,8 @@ class ErrorTests(SynchronousTestCase):
     def test_unknown_setting_is_an_error(self) -> None:
         error = self.assertConfigError(
             '[smtp]\nstartls = "tcp:587"\n',
-            "[smtp] startls: unknown setting (known: max_message_size, starttls, tls)",
+            "[smtp] startls: unknown setting (known: max_message_size, max_recipients, spool_directory, "
+            "spool_threshold, starttls, tls)",
         )
         self.assertEqual(error.path, "[smtp] startls")
 
