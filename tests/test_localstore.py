@@ -31,8 +31,8 @@ from gatekeeper.localstore import (
     MessageTooLarge,
     NoSuchFolder,
     NoSuchMessage,
-    NotLocalDomain,
     Notice,
+    NotLocalDomain,
     Quota,
     SearchQuery,
     StoreUnavailable,
@@ -219,7 +219,7 @@ class DeliveryTests(StoreCase):
             ["bob@example.org", "ALICE@example.org", "bob@EXAMPLE.org", "dave@example.org", "x@elsewhere.com", "bad"],
             MESSAGE,
         )
-        self.assertEqual([d.address for d in report.delivered], ["ALICE@example.org", "bob@example.org"])
+        self.assertEqual([d.address for d in report.delivered], ["bob@example.org", "ALICE@example.org"])
         self.assertFalse(report.all_delivered)
         self.assertEqual(
             [(r.address, r.temporary, r.enhanced_status) for r in report.refused],

@@ -190,8 +190,9 @@ class LocalStore:
     def deliver(self, recipients: Iterable[str], message: MessageSource, *, folder: str = INBOX) -> DeliveryReport:
         """Deliver one message to local recipients, each copy committed on its own (see the module docstring).
 
-        Each recipient is delivered or refused on its own: the report says which, with
-        a reason safe to show and whether a retry may work. Recipients that name the
+        Each recipient is delivered or refused on its own: the report says which (in
+        the order of ``recipients``), with a reason safe to show and whether a retry
+        may work. Recipients that name the
         same mailbox get one copy. :class:`StoreUnavailable` is raised (nothing
         delivered) only when the message cannot even be written.
         """
@@ -231,6 +232,8 @@ class LocalStore:
                     delivered.append(Delivered(address, appended.uidvalidity, appended.uid))
             finally:
                 files.unlink_quietly(temporary)
+            order = {address: index for index, (address, _) in enumerate(targets)}
+            delivered.sort(key=lambda item: order[item.address])
         for item in delivered:
             emit(
                 log,
