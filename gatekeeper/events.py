@@ -22,7 +22,8 @@ or any part of a message body.
 ``key_use``        audit: ``operation`` (unlock, sign, decrypt), ``user``, ``session``,
                    ``message_id``, ``peer``
 ``admin``          audit: ``operation`` (add_user, passwd, rotate, delete_user, export,
-                   import_cert, remove_cert, flush, kick), ``target``, ``actor``, ``via``
+                   import_cert, remove_cert, flush, kick, set_upstream_login,
+                   clear_upstream_login), ``target``, ``actor``, ``via``
 =================  ==========================================================================
 
 ``key_use`` and ``admin`` events carry ``gk_audit=True`` and go to the audit log.

@@ -50,6 +50,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gatekeeper.admin.cert_cmd",
     "gatekeeper.admin.smime_cmd",
     "gatekeeper.admin.lookup_cmd",
+    "gatekeeper.admin.upstream_cmd",
     "gatekeeper.admin.check_cmd",
     "gatekeeper.admin.audit_cmd",
 )
