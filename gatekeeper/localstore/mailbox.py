@@ -286,6 +286,9 @@ class Mailbox:
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(_SCHEMA)
             version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            stored = db.execute("SELECT value FROM meta WHERE key = 'address'").fetchone()
+            if stored is not None:
+                self.address = stored[0]  # the spelling the mailbox was created with
             if version is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?), ('address', ?)", (SCHEMA_VERSION, self.address))
             elif version[0] != SCHEMA_VERSION:
