@@ -175,8 +175,11 @@ class ProxyAccount:
         """The client is gone: log out of the store and let the user's cache go."""
         proxy, self.proxy = self.proxy, None
         if proxy is not None:
-            Deferred.fromCoroutine(proxy.logout()).addErrback(lambda _: None)
+            self.closing = Deferred.fromCoroutine(proxy.logout())
+            self.closing.addErrback(lambda _: None)
             self.backend.caches.release(self.identity.address)
+
+    closing: Deferred[None] | None = None
 
     # IAccount: the adapter calls the proxy itself; these answer Twisted's direct uses.
     def addMailbox(self, name: str, mbox: object = None) -> bool:
@@ -298,10 +301,18 @@ class ImapServer(imap4.IMAP4Server):
     # -- connection ---------------------------------------------------------------------------
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """Clean up the session (logging out of the store), then tell the listener."""
+        """Clean up the session; the listener forgets it once the store session is closed too."""
         super().connectionLost(reason)
+        closing = self.account.closing if isinstance(self.account, ProxyAccount) else None
+        if closing is not None and not closing.called:
+            closing.addBoth(self._forget)
+        else:
+            self._forget(None)
+
+    def _forget(self, result: object) -> object:
         if self.connections is not None:
             self.connections.remove(self)
+        return result
 
     def _secrets_allowed(self) -> bool:
         return secrets_allowed(self.transport, allow_plaintext_on_loopback=self._allow_plaintext_on_loopback)
@@ -828,12 +839,20 @@ class ImapFactory(ServerFactory):
         *,
         allow_plaintext_on_loopback: bool = False,
         max_append_size: int = 50 * 1024 * 1024,
+        on_stop: Callable[[], object] | None = None,
     ) -> None:
+        """``on_stop`` runs when the last listener stops (dropping the users' caches)."""
         self.portal = portal
         self.context_factory = context_factory
         self.allow_plaintext_on_loopback = allow_plaintext_on_loopback
         self.max_append_size = max_append_size
+        self.on_stop = on_stop
         self.connections = Connections()
+
+    def stopFactory(self) -> None:
+        """The listeners are closed: forget what was cached for the users."""
+        if self.on_stop is not None:
+            self.on_stop()
 
     def buildProtocol(self, addr: IAddress | None) -> ImapServer:
         """Give the new connection its own view of the portal."""

@@ -373,6 +373,7 @@ def imap_factory(parts: Parts) -> imap_adapter.ImapFactory:
         parts.tls,
         allow_plaintext_on_loopback=config.tls.allow_plaintext_on_loopback,
         max_append_size=config.imap.max_append_size,
+        on_stop=backend.caches.drop_all if backend is not None else None,
     )
 
 

@@ -670,8 +670,22 @@ class UpstreamImapSession:
         except Exception:  # noqa: S110 - logging out of a broken session is best effort
             pass
         finally:
-            if self.protocol.transport is not None and not self.protocol.lost:
-                self.protocol.transport.loseConnection()
+            if not self.protocol.lost:
+                gone: Deferred[None] = Deferred()
+
+                def closed(_reason: str) -> None:
+                    if not gone.called:
+                        gone.callback(None)
+
+                self.protocol.when_lost(closed)
+                transport = self.protocol._transport()
+                with contextlib.suppress(Exception):  # the server may have closed it already
+                    transport.loseConnection()
+                # wait for the close (a silent server gets the deadline, then is cut off)
+                timer = self.protocol._clock.callLater(self.protocol._command_timeout, transport.abortConnection)
+                await gone
+                if timer.active():
+                    timer.cancel()
 
 
 def _expand(numbers: bytes) -> list[int]:
