@@ -117,6 +117,7 @@ class Pop3UpstreamClient(AdvancedPOP3Client):
         self._deadline: IDelayedCall | None = None
         self._bulk: _Bulk | None = None
         self.greeted: Deferred[bytes] = Deferred()
+        self.disconnected: Deferred[None] = Deferred()
         self.timed_out = False
 
     # -- the time limit -----------------------------------------------------------------
@@ -154,6 +155,7 @@ class Pop3UpstreamClient(AdvancedPOP3Client):
         if not self.greeted.called:
             self.greeted.errback(reason)
         super().connectionLost(reason)
+        self.disconnected.callback(None)
 
     def serverGreeting(self, greeting: bytes) -> None:
         """The server said ``+OK``: commands may follow."""
@@ -372,7 +374,12 @@ class NetworkMaildrop:
             raise UpstreamRefused(f"the mail server did not delete {refused} message(s)")
 
     def close(self) -> None:
-        """Drop the connection without ``QUIT``: the server deletes nothing."""
-        transport: Any = self._protocol.transport
-        if transport is not None and not transport.disconnecting:
-            transport.loseConnection()
+        """Drop the connection at once, without ``QUIT``: the server deletes nothing."""
+        if not self._protocol.disconnected.called:
+            self._protocol.abort()
+
+    def closed(self) -> Deferred[None]:
+        """A Deferred that fires once the connection is gone."""
+        done: Deferred[None] = Deferred()
+        self._protocol.disconnected.addBoth(lambda _: done.callback(None))
+        return done
