@@ -98,6 +98,10 @@ class AuthorizedKeysTests(SynchronousTestCase):
             read_authorized_keys(self.file, strict=True)
         self.assertIn("line 1: not a public key", str(caught.exception))
 
+    def test_the_shipped_example_is_all_comments(self) -> None:
+        example = Path(__file__).resolve().parent.parent / "etc" / "manhole_authorized_keys.example"
+        self.assertEqual(read_authorized_keys(example, strict=True), [])
+
     def test_missing_file(self) -> None:
         with self.assertRaises(ConfigError) as caught:
             read_authorized_keys(self.dir / "nothing")

@@ -1,9 +1,14 @@
 """``gatekeeper check``: is the gateway in communication with the network?
 
 Checks upstream SMTP/POP3/IMAP, every LDAP directory, the DNS resolver and the CRLs
-(:mod:`gatekeeper.admin.check`, the same code as the console's ``gk.check()``) on a
-private reactor, prints a table and a verdict, and exits 0 when everything passed, 1
-when something failed.
+(:mod:`gatekeeper.admin.check`, the same code as the console's ``gk.check()``), prints
+a table and a verdict, and exits 0 when everything passed, 1 when something failed.
+
+Unlike ``gatekeeper lookup`` this runs on the process's global reactor: Twisted's TLS
+transports flush small writes on the global reactor (``BufferingTLSTransport``), so
+STARTTLS and implicit TLS do not work on a private one. The command is its own
+process, so the reactor is its to run, once; call :func:`run_checks` with your own
+reactor from code that already runs one (the console does).
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ import argparse
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.selectreactor import SelectReactor
 from twisted.python.failure import Failure
 
 from gatekeeper.admin import cli
@@ -48,8 +52,9 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def check(config: Config, *, timeout: float = DEFAULT_TIMEOUT) -> CheckReport:
-    """Run every check on a private reactor (the global one belongs to ``twistd``)."""
-    reactor = SelectReactor()
+    """Run every check on the global reactor, which must not have run yet in this process."""
+    from twisted.internet import reactor
+
     anchors = configured_anchors(config)
     outcome: list[CheckReport | Failure] = []
 
@@ -61,7 +66,9 @@ def check(config: Config, *, timeout: float = DEFAULT_TIMEOUT) -> CheckReport:
         running.addBoth(lambda _: reactor.stop())
 
     reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=False)
+    reactor.run()
+    if not outcome:  # stopped by a signal before the checks finished
+        raise KeyboardInterrupt
     (result,) = outcome
     if isinstance(result, Failure):
         result.raiseException()
