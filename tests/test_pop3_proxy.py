@@ -11,10 +11,12 @@ store and set of users per module and test process (trial has no ``setUpClass``)
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import poplib
 import re
+import smtplib
 import socket
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +29,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from gatekeeper import smime
-from gatekeeper.config import UpstreamEndpoint
+from gatekeeper.config import UpstreamEndpoint, load_config
 from gatekeeper.errors import UpstreamRefused, UpstreamUnavailable
 from gatekeeper.interfaces import UpstreamLogin
 from gatekeeper.keys.accounts import unlock
@@ -38,6 +40,7 @@ from gatekeeper.upstream.pop3 import NetworkPop3Upstream
 from tests.fixtures import clients
 from tests.fixtures.mailstack import MailStack
 from tests.fixtures.process import free_ports
+from tests.fixtures.slapd import Slapd
 
 HOST = "127.0.0.1"
 ALICE, BOB = "alice@example.org", "bob@example.org"
@@ -119,8 +122,12 @@ class Pop3ProxyCases:
             client.stls(context=context)
         else:
             client = poplib.POP3_SSL(HOST, self.gateway.port("pop3", "tls"), context=context, timeout=60)
-        client.user(BOB)
-        client.pass_(password)
+        try:
+            client.user(BOB)
+            client.pass_(password)
+        except poplib.error_proto:
+            client.close()
+            raise
         return client
 
     def protected(self, subject: str) -> bytes:
@@ -473,3 +480,141 @@ class GatewayUpstreamDownTests(TestCase):
                     client.quit()
 
         self.assertEqual(await deferToThread(login), b"-ERR [SYS/TEMP] The mail server did not answer within 1 s")
+
+
+# -- end to end with the SMTP proxy ---------------------------------------------------------
+
+
+def fetch_all(gateway: GatewayHarness, user: str, password: str) -> list[bytes]:
+    """Every message of ``user``'s mailbox through ``gateway``'s POP3 proxy (blocking)."""
+    client = poplib.POP3_SSL(HOST, gateway.port("pop3", "tls"), context=gateway.client_context(), timeout=60)
+    try:
+        client.user(user)
+        client.pass_(password)
+        count = client.stat()[0]
+        return [b"\r\n".join(client.retr(i + 1)[1]) + b"\r\n" for i in range(count)]
+    finally:
+        client.quit()
+
+
+def send(gateway: GatewayHarness, sender: str, password: str, recipient: str, data: bytes) -> None:
+    """Submit through ``gateway``'s SMTP proxy (STARTTLS, AUTH), as a mail client does (blocking)."""
+    with smtplib.SMTP(HOST, gateway.port("smtp", "starttls"), timeout=60) as client:
+        client.starttls(context=gateway.client_context())
+        client.login(sender, password)
+        client.sendmail(sender, [recipient], data)
+
+
+class EndToEndTests(TestCase):
+    """The seed's scenarios: FIG 4 (one secure domain), FIG 8 (plain mail from outside), FIG 7 (two)."""
+
+    timeout = 180
+
+    async def test_fig4_sent_through_the_smtp_proxy_read_through_the_pop3_proxy(self) -> None:
+        fixture = dovecot_upstream()
+        fixture.reset()
+        fixture.gateway.start(reactor)
+        self.addCleanup(fixture.gateway.stop)
+        text = b"Meet me at the usual place.\r\n.And bring the key.\r\n"
+        sent = message("fig 4", sender=f"Alice <{ALICE}>", body=text)
+        await deferToThread(send, fixture.gateway, ALICE, PASSWORDS[ALICE], BOB, sent)
+        stored = await fixture.stack.wait_for_messages_async(reactor, BOB, 1)
+        self.assertIn(b"application/pkcs7-mime", stored[0])
+        self.assertNotIn(b"usual place", stored[0])
+        (shown,) = await deferToThread(fetch_all, fixture.gateway, BOB, PASSWORDS[BOB])
+        self.assertEqual(security(shown), b"decrypted=yes; signature=valid; signer=" + ALICE.encode())
+        self.assertIn(text, shown)
+        self.assertIn(b"Subject: fig 4", shown)
+        self.assertIn(b"Decrypted with your current key", shown)
+
+    async def test_fig8_plain_mail_from_outside_arrives_with_the_warning(self) -> None:
+        fixture = dovecot_upstream()
+        fixture.reset()
+        fixture.gateway.start(reactor)
+        self.addCleanup(fixture.gateway.stop)
+        outside = message("fig 8", sender="Mallory <ceo@outside.example>", body=b"Please wire the money.\r\n")
+
+        def straight_to_the_mail_server() -> None:
+            with smtplib.SMTP(HOST, fixture.stack.smtp_port, timeout=30) as client:
+                client.sendmail("ceo@outside.example", [BOB], outside)
+
+        await deferToThread(straight_to_the_mail_server)
+        await fixture.stack.wait_for_messages_async(reactor, BOB, 1)
+        (shown,) = await deferToThread(fetch_all, fixture.gateway, BOB, PASSWORDS[BOB])
+        self.assertEqual(security(shown), b"decrypted=no; signature=none; warning=unverified")
+        self.assertIn(b"Please wire the money.", shown)
+        self.assertIn(b"WARNING: this message was neither signed nor encrypted.", shown)
+        self.assertIn(b"in the name of ceo@outside.example", shown)
+
+    async def test_fig7_two_secure_domains_each_with_its_own_gateway(self) -> None:
+        world = two_domains()
+        for gateway in (world.a, world.b):
+            gateway.start(reactor)
+            self.addCleanup(gateway.stop)
+        world.stack.reset()
+        text = b"From a.example to b.example, sealed all the way.\r\n"
+        sent = message("fig 7", sender=f"Alice <{A_ALICE}>", body=text).replace(BOB.encode(), B_BOB.encode())
+        await deferToThread(send, world.a, A_ALICE, PASSWORDS[ALICE], B_BOB, sent)
+        stored = await world.stack.wait_for_messages_async(reactor, B_BOB, 1)
+        # a.example's gateway found bob's certificate in b.example's directory and encrypted to it
+        self.assertIn(b"application/pkcs7-mime", stored[0])
+        self.assertNotIn(b"sealed all the way", stored[0])
+        (shown,) = await deferToThread(fetch_all, world.b, B_BOB, PASSWORDS[BOB])
+        # b.example's gateway trusts a.example's CA by configuration: the signature is valid
+        self.assertEqual(security(shown), b"decrypted=yes; signature=valid; signer=" + A_ALICE.encode())
+        self.assertIn(text, shown)
+
+
+A_ALICE, B_BOB = "alice@a.example", "bob@b.example"
+
+
+class TwoDomains:
+    """FIG 7: a.example and b.example, each with its own gateway, key store and CA.
+
+    b.example's certificates are in its own slapd, which a.example's gateway asks. Both
+    domains' mail is on one Postfix and Dovecot (the mail servers are not what FIG 7 is about).
+    """
+
+    def __init__(self) -> None:
+        self.stack = MailStack(
+            {A_ALICE: PASSWORDS[ALICE], B_BOB: PASSWORDS[BOB]}, local_domains=("a.example", "b.example")
+        )
+        self.stack.start()
+        self.slapd = Slapd()
+        self.slapd.start()
+        base = Path(self.stack.directory)
+        upstream = (
+            "[upstream]\n"
+            f'smtp = "starttls:localhost:{self.stack.smtp_port}"\n'
+            f'pop3 = "tls:localhost:{self.stack.pop3s_port}"\n'
+            f'imap = "tls:localhost:{self.stack.imaps_port}"\n'
+            f'ca_file = "{self.stack.ca_file}"\n'
+        )
+        # b.example first: a.example's gateway must know b.example's CA to trust bob's certificate
+        self.b = GatewayHarness(base / "gateway-b", domains=("b.example",), extra_config=upstream)
+        self.b.add_user(B_BOB, PASSWORDS[BOB])
+        bob = self.b.store.get_user(B_BOB)
+        assert bob is not None
+        self.slapd.add_person("bob", B_BOB, certificates=[bob.current.certificate])
+        directory = self.slapd.config()
+        self.a = GatewayHarness(
+            base / "gateway-a",
+            domains=("a.example",),
+            extra_config=upstream
+            + f'[trust]\nanchors = ["{self.b.ca_file}"]\n'
+            + '[directory]\norder = ["keyring", "external"]\n'
+            + "[[directory.external]]\n"
+            + f'name = "b-example"\nurl = "{directory.url}"\nbase_dn = "{directory.base_dn}"\n'
+            + f'bind_dn = "{directory.bind_dn}"\nbind_password_file = "{directory.bind_password_file}"\n'
+            + f'ca_file = "{directory.ca_file}"\ndomains = ["b.example"]\n',
+        )
+        self.a.add_user(A_ALICE, PASSWORDS[ALICE])
+        # and b.example's gateway trusts a.example's CA, to verify alice's signature
+        self.b.config_path.write_text(self.b.config_path.read_text() + f'[trust]\nanchors = ["{self.a.ca_file}"]\n')
+        self.b.config = load_config(self.b.config_path)
+        atexit.register(self.slapd.close)
+
+
+@functools.cache
+def two_domains() -> TwoDomains:
+    return TwoDomains()
