@@ -8,12 +8,13 @@ else of the event is copied, so a field that should never have been there (a pas
 a body) cannot reach the file. The gateway and the ``gatekeeper`` command append to the
 same file; each append holds an exclusive ``flock`` on it.
 
-Each line is canonical JSON (sorted keys, no spaces) ending in two fields::
+Each line is the record's canonical JSON (sorted keys, no spaces) with ``hash`` added
+last::
 
-    {"event":"admin",...,"seq":12,"prev":"<hash of line 11>","hash":"<SHA-256 of this line without hash>"}
+    {"actor":"root","event":"admin",...,"prev":"<hash of line 11>","seq":12,...,"hash":"<SHA-256>"}
 
 ``seq`` counts records from 1, ``prev`` is the previous record's ``hash`` (64 zeros for
-the first), and ``hash`` is the SHA-256 of the line's canonical JSON without the
+the first), and ``hash`` is the SHA-256 of the record's canonical JSON without the
 ``hash`` field. :func:`verify` (``gatekeeper audit verify``) recomputes the chain and
 names the first line that was edited (its hash no longer matches), removed (``seq``
 jumps, or ``prev`` does not match the line before) or inserted. A chain cannot tell
@@ -121,38 +122,75 @@ def _now() -> datetime.datetime:
 
 
 class AuditLog:
-    """Appends hash-chained records to one file (created 0600), safe with several writers."""
+    """Appends hash-chained records to one file (created 0600), safe with several writers.
+
+    The file stays open between appends; every append holds an exclusive ``flock`` and
+    reads the last record again only when the file grew since this object's own last
+    write (another writer, e.g. the CLI). A file moved away (rotated) is reopened.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._fd: int | None = None
+        self._inode: tuple[int, int] | None = None
+        self._last: tuple[int, int, str] | None = None  # (file size, seq, hash) after our own write
 
     def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Add ``record`` (JSON-serialisable values) as the next line; return it with seq, prev and hash."""
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                size = os.fstat(fd).st_size
+                if self._last is not None and self._last[0] == size:
+                    seq, previous = self._last[1], self._last[2]
+                else:
+                    seq, previous = _last_link(fd, size)
+                chained = {key: value for key, value in record.items() if key not in ("seq", "prev", "hash")}
+                chained["seq"] = seq + 1
+                chained["prev"] = previous
+                body = _canonical(chained)
+                chained["hash"] = hashlib.sha256(body.encode("ascii")).hexdigest()
+                line = f'{body[:-1]},"hash":"{chained["hash"]}"}}\n'.encode("ascii")
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise AuditError(f"short write to the audit log {self.path}")
+                self._last = (size + written, chained["seq"], chained["hash"])
+                return chained
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError as error:
+            self.close()
+            raise AuditError(f"cannot write the audit log {self.path}: {error.strerror}") from None
+
+    def _open(self) -> int:
+        try:
+            current = os.stat(self.path)
+            identity: tuple[int, int] | None = (current.st_dev, current.st_ino)
+        except FileNotFoundError:
+            identity = None
+        except OSError as error:
+            raise AuditError(f"cannot open the audit log {self.path}: {error.strerror}") from None
+        if self._fd is not None and identity == self._inode:
+            return self._fd
+        self.close()
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as error:
             raise AuditError(f"cannot open the audit log {self.path}: {error.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            seq, previous = _last_link(fd)
-            chained = {key: value for key, value in record.items() if key not in ("seq", "prev", "hash")}
-            chained["seq"] = seq + 1
-            chained["prev"] = previous
-            chained["hash"] = _digest(chained)
-            line = (_canonical(chained) + "\n").encode("ascii")
-            written = os.write(fd, line)
-            if written != len(line):
-                raise AuditError(f"short write to the audit log {self.path}")
-            return chained
-        except OSError as error:
-            raise AuditError(f"cannot write the audit log {self.path}: {error.strerror}") from None
-        finally:
-            os.close(fd)  # also releases the lock
+        opened = os.fstat(fd)
+        self._fd, self._inode, self._last = fd, (opened.st_dev, opened.st_ino), None
+        return fd
+
+    def close(self) -> None:
+        """Close the file (the next append opens it again)."""
+        fd, self._fd, self._last = self._fd, None, None
+        if fd is not None:
+            os.close(fd)
 
 
-def _last_link(fd: int) -> tuple[int, str]:
+def _last_link(fd: int, size: int) -> tuple[int, str]:
     """The seq and hash of the last record in the file (0 and the genesis hash when empty)."""
-    size = os.fstat(fd).st_size
     if size == 0:
         return 0, GENESIS
     start = max(0, size - _TAIL)
@@ -231,6 +269,7 @@ class AuditService(Service):
         if self._observing:
             self._observing = False
             self.publisher.removeObserver(self.observer)
+        self.observer.log.close()
 
 
 def admin_event(operation: str, target: str, *, actor: str, via: str) -> None:
@@ -292,6 +331,7 @@ def cli_audit_trail(config: Callable[[], Config], publisher: LogPublisher = glob
         yield
     finally:
         publisher.removeObserver(observer)
+        observer.log.close()
     if errors:
         raise errors[0]
 

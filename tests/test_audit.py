@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import imaplib
 import io
 import json
@@ -40,12 +41,15 @@ NEW_PASSWORD = "audit test new password"
 
 def write_records(path: Path, count: int) -> list[dict[str, Any]]:
     log = AuditLog(path)
-    return [
-        log.append(
-            {"time": "2025-01-01T00:00:00.000Z", "event": "key_use", "operation": "unlock", "user": f"u{i}@x.org"}
-        )
-        for i in range(count)
-    ]
+    try:
+        return [
+            log.append(
+                {"time": "2025-01-01T00:00:00.000Z", "event": "key_use", "operation": "unlock", "user": f"u{i}@x.org"}
+            )
+            for i in range(count)
+        ]
+    finally:
+        log.close()
 
 
 def lines(path: Path) -> list[str]:
@@ -66,9 +70,13 @@ class ChainTests(SynchronousTestCase):
         self.assertEqual(self.records[0]["prev"], GENESIS)
         self.assertEqual([r["prev"] for r in self.records[1:]], [r["hash"] for r in self.records[:-1]])
         self.assertEqual(self.path.stat().st_mode & 0o777, 0o600)
-        # Each line is canonical JSON: sorted keys, no spaces.
+        # Each line is the record's canonical JSON (sorted keys, no spaces), its hash added last.
         first = lines(self.path)[0].strip()
-        self.assertEqual(first, json.dumps(json.loads(first), sort_keys=True, separators=(",", ":")))
+        record = json.loads(first)
+        digest = record.pop("hash")
+        canonical = json.dumps(record, sort_keys=True, separators=(",", ":"))
+        self.assertEqual(first, canonical[:-1] + f',"hash":"{digest}"}}')
+        self.assertEqual(digest, hashlib.sha256(canonical.encode()).hexdigest())
 
     def test_a_removed_line_is_named(self) -> None:
         content = lines(self.path)
@@ -96,8 +104,6 @@ class ChainTests(SynchronousTestCase):
         forged = json.loads(content[1])
         forged["user"] = "someone@x.org"
         del forged["hash"]
-        import hashlib
-
         canonical = json.dumps(forged, sort_keys=True, separators=(",", ":"))
         forged["hash"] = hashlib.sha256(canonical.encode()).hexdigest()
         content[1] = json.dumps(forged, sort_keys=True, separators=(",", ":")) + "\n"
@@ -128,9 +134,10 @@ class ChainTests(SynchronousTestCase):
         path = Path(self.mktemp())
 
         def writer(name: str) -> None:
-            log = AuditLog(path)  # its own open() per append, like the gateway and a CLI process
+            log = AuditLog(path)  # its own open file, like the gateway and a CLI process
             for i in range(150):
                 log.append({"time": "t", "event": "admin", "operation": "flush", "target": f"{name}{i}"})
+            log.close()
 
         threads = [threading.Thread(target=writer, args=(name,)) for name in "ab"]
         for thread in threads:
@@ -140,6 +147,26 @@ class ChainTests(SynchronousTestCase):
         result = verify(path)
         self.assertTrue(result.ok, result.problems[:3])
         self.assertEqual(result.records, 300)
+
+    def test_a_moved_log_is_reopened_and_a_new_chain_begins(self) -> None:
+        log = AuditLog(self.path)
+        self.addCleanup(log.close)
+        log.append({"time": "t", "event": "admin", "operation": "kick"})
+        self.path.rename(self.path.with_suffix(".1"))
+        record = log.append({"time": "t", "event": "admin", "operation": "flush"})
+        self.assertEqual((record["seq"], record["prev"]), (1, GENESIS))
+        self.assertTrue(verify(self.path).ok)
+        self.assertTrue(verify(self.path.with_suffix(".1")).ok)
+
+    def test_another_writer_in_between_is_noticed(self) -> None:
+        ours, theirs = AuditLog(self.path), AuditLog(self.path)
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        ours.append({"time": "t", "event": "admin", "operation": "kick"})
+        theirs.append({"time": "t", "event": "admin", "operation": "flush"})
+        last = ours.append({"time": "t", "event": "admin", "operation": "kick"})
+        self.assertEqual(last["seq"], 8)
+        self.assertTrue(verify(self.path).ok)
 
     def test_an_unreadable_log(self) -> None:
         with self.assertRaises(AuditError):
