@@ -45,8 +45,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from twisted.application.service import Service
 from twisted.logger import ILogObserver, LogPublisher, globalLogPublisher
+from twisted.web import http
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 __all__ = ["LATENCY_BUCKETS", "GatewayMetrics", "MetricsPage", "MetricsService", "metrics_site"]
@@ -234,16 +235,21 @@ class MetricsPage(Resource):
         return body
 
 
-def metrics_site(metrics: GatewayMetrics) -> Any:
-    """A ``twisted.web`` site serving the metrics at ``/metrics`` (404 elsewhere)."""
-    from twisted.web.server import Site
+class _QuietSite(Site):
+    """A site without an access log: a scrape every few seconds is not news."""
 
+    displayTracebacks = False
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        """Log nothing."""
+
+
+def metrics_site(metrics: GatewayMetrics) -> Site:
+    """A ``twisted.web`` site serving the metrics at ``/metrics`` (404 elsewhere)."""
     root = Resource()
     root.putChild(b"metrics", MetricsPage(metrics))
-    site = Site(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site
+    return _QuietSite(root)
 
 
 class MetricsService(Service):

@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger, LogPublisher
+from twisted.logger import Logger, LogPublisher, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -225,6 +225,9 @@ class ScrapeTests(TestCase):
         return during, self.scrape()
 
     async def test_counters_move_during_an_smtp_session(self) -> None:
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         before = await deferToThread(self.scrape)
         during, _ = await deferToThread(self.smtp_session)
         ok = ("gatekeeper_logins_total", (("outcome", "ok"), ("protocol", "smtp")))
@@ -244,6 +247,8 @@ class ScrapeTests(TestCase):
                 break
             await deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(after[live], 0)
+        # Scrapes are not logged (no access log line every few seconds).
+        self.assertFalse([e for e in logged if "/metrics" in formatEvent(e)])
 
     async def test_loopback_only_by_default(self) -> None:
         self.assertEqual(self.address.host, "127.0.0.1")  # type: ignore[attr-defined]
