@@ -693,6 +693,45 @@ class RecoveryTests(StoreCase):
         self.assertEqual(mailbox.usage().messages, 4)
         self.assertEqual(stat.S_IMODE((inbox / "new" / "1000.dropped.host").stat().st_mode), 0o600)
 
+    def test_messages_keep_their_uids_when_the_last_index_transactions_are_lost(self) -> None:
+        # What a power failure can do with synchronous=NORMAL: the files are durable, the last rows not.
+        store = self.open_store()
+        store.deliver(["bob@example.org"], b"first")
+        mailbox = store.mailbox("bob@example.org")
+        mailbox.append(INBOX, b"second", flags=[SEEN])
+        mailbox.delete_messages(INBOX, [1])
+        store.deliver(["bob@example.org"], b"third")
+        mailbox.append(INBOX, b"fourth", flags=[FLAGGED])
+        mailbox.copy(INBOX, [2], "Trash")
+        before = {uid: mailbox.read_message(INBOX, uid) for uid in mailbox.uids(INBOX)}
+        self.assertEqual(sorted(before), [2, 3, 4])
+        root = mailbox.root
+        store.close()
+        with sqlite3.connect(root / INDEX_FILE) as db:
+            db.execute(
+                "DELETE FROM messages WHERE uid >= 3 OR folder_id = (SELECT id FROM folders WHERE name = 'Trash')"
+            )
+            db.execute("UPDATE folders SET uidnext = CASE name WHEN 'INBOX' THEN 3 ELSE 1 END")
+        mailbox = self.open_store().mailbox("bob@example.org")
+        after = {uid: mailbox.read_message(INBOX, uid) for uid in mailbox.uids(INBOX)}
+        self.assertEqual(after, before)
+        self.assertEqual(mailbox.message(INBOX, 4).flags, {FLAGGED})  # from the name's :2, info
+        self.assertEqual(mailbox.read_message("Trash", 1), b"second")
+        self.assertEqual(mailbox.status(INBOX).uidnext, 5)
+        self.assertEqual(mailbox.append(INBOX, b"fifth").uid, 5)
+
+    def test_a_foreign_maildir_file_gets_a_new_uid(self) -> None:
+        store = self.open_store()
+        mailbox = store.mailbox("bob@example.org")
+        for number in range(3):
+            mailbox.append(INBOX, b"%d" % number)
+        inbox = self.folder_path(mailbox, INBOX)
+        store.close()
+        (inbox / "cur" / "99.restored.host,U=2:2,S").write_bytes(b"restored from a backup")
+        mailbox = self.open_store().mailbox("bob@example.org")
+        self.assertEqual(mailbox.read_message(INBOX, 2), b"1")  # UID 2 is never given to another message
+        self.assertEqual(mailbox.read_message(INBOX, 4), b"restored from a backup")
+
     def test_an_interrupted_folder_deletion_is_finished(self) -> None:
         store = self.open_store()
         mailbox = store.mailbox("bob@example.org")

@@ -12,16 +12,22 @@ bytes. A message file never changes once published and never moves: flags live i
 index, so a flag change is one small transaction. Files are named like any Maildir's
 (``new/`` for delivered mail, ``cur/NAME:2,FLAGS`` for appended and copied mail, with
 the flags it arrived with) so Maildir tools can read a folder, and a Maildir copied in
-is imported with its flags at the next open.
+is imported with its flags at the next open. A published name also carries its UID
+(``NAME,U=<uid>``), given under the lock just before publishing.
 
 **Commit order.** A new message is written to ``tmp/`` and fsync-ed, published into
 ``new/``/``cur/`` by a rename or link (the directory fsync-ed), then indexed in one
 transaction; only then is it acknowledged. Removal goes the other way: files are
 unlinked first, then the index rows. So after a crash at any point, :meth:`Mailbox.
 recover` (run at every open) finds only whole files: a published file the index lacks
-gets the next UID (it may have been delivered, never lost), an index row whose file
-is gone is dropped (an expunge that was under way), and ``tmp/`` is emptied (never
-acknowledged). SQLite runs in WAL mode with ``synchronous=FULL``: a commit is durable.
+gets the UID in its name (it may have been delivered, never lost), an index row whose
+file is gone is dropped (an expunge that was under way), and ``tmp/`` is emptied (never
+acknowledged). SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit survives
+the process being killed at once, and a power failure may undo only the last
+transactions. That loses no message: a published file and its directory entry are
+fsync-ed before the message is acknowledged, and the UID in its name lets the recovery
+give it back the UID clients may have seen. Only flag and folder changes of the last
+moments before a power failure can be undone.
 
 **Concurrency.** One process owns the store (:class:`~gatekeeper.localstore.store.
 LocalStore` holds a lock file); inside it, a mailbox is shared by every session of its
@@ -79,6 +85,7 @@ from gatekeeper.localstore.names import (
     parent_names,
     parse_flags,
     system_flag_bit,
+    uid_from_name,
     unique_name,
 )
 from gatekeeper.localstore.types import (
@@ -237,6 +244,7 @@ class Mailbox:
         self.quota = quota
         self.clock = clock
         self._folders_dir = files.private_dir(self.root / FOLDERS)
+        self._folders_text = str(self._folders_dir)
         self._lock = threading.RLock()
         self._watch_lock = threading.Lock()
         self._watchers: list[Callable[[Notice], None]] = []
@@ -282,7 +290,8 @@ class Mailbox:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            # Durable against a killed process; the message files carry what a power failure could lose.
+            db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(_SCHEMA)
             version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
@@ -405,6 +414,15 @@ class Mailbox:
             counts["vanished"] += len(vanished)
         extra = sorted((name for name in on_disk if name not in indexed), key=lambda n: (on_disk[n].st_mtime, n))
         if extra:
+            (uidnext,) = db.execute("SELECT uidnext FROM folders WHERE id = ?", (folder.id,)).fetchone()
+            # A UID at or above UIDNEXT was given when the file was published and its index row
+            # lost (power failure): keep it. Anything else (a copied-in Maildir) gets a new one.
+            kept: dict[str, int] = {}
+            for name in extra:
+                uid = uid_from_name(name)
+                if uid is not None and uidnext <= uid <= MAX_UID and uid not in kept.values():
+                    kept[name] = uid
+            extra = sorted(extra, key=lambda n: (n not in kept, kept.get(n, 0)))
             new = []
             for name in extra:
                 info = on_disk[name]
@@ -420,7 +438,7 @@ class Mailbox:
                         recent=int(name.startswith("new/")),
                     )
                 )
-            self._add_rows(db, folder.id, new)
+            self._add_rows(db, folder.id, new, uids=[kept[name] for name in extra if name in kept])
             counts["imported"] += len(new)
 
     def _recount(self, db: sqlite3.Connection) -> None:
@@ -601,15 +619,24 @@ class Mailbox:
     # -- message rows --------------------------------------------------------------------
 
     def _add_rows(
-        self, db: sqlite3.Connection, folder_id: int, new: list[_NewMessage], origin: object = None
+        self,
+        db: sqlite3.Connection,
+        folder_id: int,
+        new: list[_NewMessage],
+        origin: object = None,
+        uids: list[int] | None = None,
     ) -> list[int]:
+        """Index new messages: the first ``len(uids)`` get those UIDs (all >= UIDNEXT), the rest the next ones."""
         uidnext, modseq, name, validity = db.execute(
             "SELECT uidnext, highest_modseq, name, uidvalidity FROM folders WHERE id = ?", (folder_id,)
         ).fetchone()
-        if uidnext + len(new) - 1 > MAX_UID:
+        given = list(uids or [])
+        start = max([uidnext, *(uid + 1 for uid in given)])
+        if start + len(new) - len(given) - 1 > MAX_UID:
             raise StoreUnavailable(f"folder {name!r} has used up its UIDs; create a new folder")
         modseq += 1
-        uids = list(range(uidnext, uidnext + len(new)))
+        uids = given + list(range(start, start + len(new) - len(given)))
+        uidnext = max(uidnext, *(uid + 1 for uid in uids)) if uids else uidnext
         both = (modseq, modseq)  # modseq and added_modseq
         db.executemany(
             "INSERT INTO messages (folder_id, uid, file, size, internal_date, tz_minutes, flags, keywords, recent,"
@@ -619,9 +646,7 @@ class Mailbox:
                 for uid, m in zip(uids, new, strict=True)
             ],
         )
-        db.execute(
-            "UPDATE folders SET uidnext = ?, highest_modseq = ? WHERE id = ?", (uidnext + len(new), modseq, folder_id)
-        )
+        db.execute("UPDATE folders SET uidnext = ?, highest_modseq = ? WHERE id = ?", (uidnext, modseq, folder_id))
         self._adjust_usage(db, sum(m.size for m in new), len(new))
         self._notify(Notice(name, validity, modseq, origin=origin))
         return uids
@@ -657,8 +682,10 @@ class Mailbox:
         return int(values.get("usage_bytes", 0)), int(values.get("usage_messages", 0))
 
     def _check_quota(self, db: sqlite3.Connection, size: int, count: int) -> None:
-        used_bytes, used_messages = self._usage(db)
         limit_bytes, limit_messages = self.quota.bytes, self.quota.messages
+        if not (limit_bytes or limit_messages):
+            return
+        used_bytes, used_messages = self._usage(db)
         if limit_bytes and count == 1 and size > limit_bytes:
             raise MessageTooLarge(f"the message is larger than the whole mailbox quota of {self.address}")
         if limit_bytes and used_bytes + size > limit_bytes:
@@ -932,12 +959,18 @@ class Mailbox:
         """
         canonical = folder_name(name)
         with self._read() as db:
-            folder = self._folder(db, canonical, uidvalidity)
-            row = db.execute("SELECT file FROM messages WHERE folder_id = ? AND uid = ?", (folder.id, uid)).fetchone()
-            if row is None:
+            # One query for the folder and the message: fetching is the hot path of POP3 and IMAP.
+            row = db.execute(
+                "SELECT f.dir, f.uidvalidity, f.selectable, m.file FROM folders f"
+                " LEFT JOIN messages m ON m.folder_id = f.id AND m.uid = ? WHERE f.name = ?",
+                (uid, canonical),
+            ).fetchone()
+            if row is None or not row[2] or (uidvalidity is not None and row[1] != uidvalidity):
+                self._folder(db, canonical, uidvalidity)  # raises the precise error
+            if row[3] is None:
                 raise NoSuchMessage(f"no message with UID {uid} in {canonical!r}")
             try:
-                fd = os.open(self._path(folder, row[0]), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(f"{self._folders_text}/{row[0]}/{row[3]}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise NoSuchMessage(f"the message with UID {uid} in {canonical!r} is gone") from None
             except OSError as error:
@@ -988,41 +1021,41 @@ class Mailbox:
         unique = unique_name()
         temporary = self._path(folder, f"tmp/{unique}")
         size = files.write_file(temporary, message)
-        file = f"cur/{unique}{info_suffix(bits)}"
-        return self._publish_new(
-            canonical,
-            folder.dir,
-            temporary,
-            file,
-            _NewMessage(file, size, epoch, tz_minutes, bits, join_keywords(keywords), 1),
-            origin,
-        )
+        new = _NewMessage(f"cur/{unique}", size, epoch, tz_minutes, bits, join_keywords(keywords), 1)
+        return self._publish_new(canonical, folder.dir, temporary, new, origin)
 
     def _publish_new(
         self,
         name: str,
-        directory: str,
+        directory: str | None,
         temporary: Path,
-        file: str,
         new: _NewMessage,
         origin: object,
         *,
         keep_source: bool = False,
     ) -> Appended:
-        """Publish a written ``tmp/`` file into the folder and index it; cleans up on any failure."""
+        """Publish a written ``tmp/`` file into the folder and index it; cleans up on any failure.
+
+        ``new.file`` is ``new/NAME`` or ``cur/NAME``; the published name adds the UID
+        (and, in ``cur/``, the flags).
+        """
         published: Path | None = None
         try:
             with self._write() as db:
                 folder = self._folder(db, name, target=True)
-                if folder.dir != directory and not keep_source:
+                if directory is not None and folder.dir != directory:
                     # The folder was deleted and made again while the bytes were written.
                     raise NoSuchFolder(f"folder {name!r} was deleted meanwhile")
                 self._check_quota(db, new.size, 1)
+                uid = folder.uidnext
+                file = f"{new.file},U={uid}"
+                if file.startswith("cur/"):
+                    file += info_suffix(new.flags)
                 target = self._path(folder, file)
                 files.publish(temporary, target, keep_source=keep_source)
                 published = target
                 files.fsync_dir(target.parent)
-                (uid,) = self._add_rows(db, folder.id, [new], origin)
+                self._add_rows(db, folder.id, [attrs.evolve(new, file=file)], origin, uids=[uid])
         except OSError as error:
             self._unpublish(published, temporary, keep_source)
             raise files.unavailable("cannot store the message", error) from None
@@ -1046,13 +1079,8 @@ class Mailbox:
         ``keep_source``, hard-linked, for the next recipient) into ``new/``. The
         message is ``\\Recent`` and unseen, dated now.
         """
-        canonical = folder_name(folder)
-        with self._read() as db:
-            directory = self._folder(db, canonical, target=True).dir
-        unique = unique_name()
-        file = f"new/{unique}"
-        new = _NewMessage(file, size, int(self.clock()), 0, 0, "", 1)
-        return self._publish_new(canonical, directory, temporary, file, new, None, keep_source=keep_source)
+        new = _NewMessage(f"new/{unique_name()}", size, int(self.clock()), 0, 0, "", 1)
+        return self._publish_new(folder_name(folder), None, temporary, new, None, keep_source=keep_source)
 
     def temporary_path(self, folder: str = INBOX) -> Path:
         """A fresh path in a folder's ``tmp/`` to write a message to before :meth:`deliver_file`."""
@@ -1258,14 +1286,14 @@ class Mailbox:
         made: list[Path] = []
         new = []
         try:
-            for _uid, file, size, epoch, tz_minutes, bits, keywords in rows:
-                name = f"cur/{unique_name()}{info_suffix(bits)}"
+            for offset, (_uid, file, size, epoch, tz_minutes, bits, keywords) in enumerate(rows):
+                name = f"cur/{unique_name()},U={into.uidnext + offset}{info_suffix(bits)}"
                 target_path = self._path(into, name)
                 files.publish(self._path(folder, file), target_path, keep_source=True)
                 made.append(target_path)
                 new.append(_NewMessage(name, size, epoch, tz_minutes, bits, keywords, 1))
             files.fsync_dir(self._folders_dir / into.dir / "cur")
-            new_uids = self._add_rows(db, into.id, new, origin)
+            new_uids = self._add_rows(db, into.id, new, origin, uids=list(range(into.uidnext, into.uidnext + len(new))))
         except FileNotFoundError:
             for path in made:
                 files.unlink_quietly(path)

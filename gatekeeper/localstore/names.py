@@ -9,6 +9,7 @@ store, whatever it contains.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -38,6 +39,7 @@ _SYSTEM_BITS = {SEEN: 1, ANSWERED: 2, FLAGGED: 4, DELETED: 8, DRAFT: 16}
 _BY_FOLDED = {flag.casefold(): flag for flag in SYSTEM_FLAGS}
 
 
+@functools.lru_cache(maxsize=1024)
 def folder_name(name: str) -> str:
     """Return the canonical form of a folder name, or raise :class:`InvalidFolderName`.
 
@@ -175,6 +177,15 @@ def info_suffix(bits: int) -> str:
     """The ``:2,FLAGS`` suffix for a message with these system flags (letters in ASCII order)."""
     letters = sorted(_LETTER_OF[flag] for flag, bit in _SYSTEM_BITS.items() if bits & bit)
     return ":2," + "".join(letters)
+
+
+_UID_IN_NAME = re.compile(r",U=([1-9][0-9]{0,9})(?=[,:]|$)")
+
+
+def uid_from_name(file_name: str) -> int | None:
+    """The UID a file name carries in a ``,U=<uid>`` field (given when it was published), or None."""
+    match = _UID_IN_NAME.search(file_name.partition(":2,")[0])
+    return int(match.group(1)) if match else None
 
 
 def flags_from_info(file_name: str) -> int:

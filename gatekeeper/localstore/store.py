@@ -21,6 +21,7 @@ copy survives a crash.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import threading
 import time
@@ -49,6 +50,12 @@ log = Logger(namespace="gatekeeper.localstore")
 
 LOCK_FILE = ".lock"
 MAILBOXES = "mailboxes"
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized(address: str) -> str:
+    # IDNA checks cost ~50 us per address; deliveries and logins repeat the same few.
+    return normalize_address(address)
 
 
 class LocalStore:
@@ -118,7 +125,7 @@ class LocalStore:
     def is_local_domain(self, address: str) -> bool:
         """True when the address's domain is one of ``domains`` (no I/O; False for a bad address)."""
         try:
-            return domain_of(normalize_address(address)) in self.domains
+            return domain_of(_normalized(address)) in self.domains
         except InvalidAddress:
             return False
 
@@ -129,7 +136,7 @@ class LocalStore:
         ours: relay or refuse it), :class:`UnknownMailbox` (permanent) and, given the
         ``size``, :class:`MailboxFull` / :class:`MessageTooLarge`. Use at ``RCPT TO``.
         """
-        normalised = normalize_address(address)
+        normalised = _normalized(address)
         mailbox = self._mailbox_for_delivery(normalised)
         if size is not None:
             mailbox.check_quota(size)
@@ -155,7 +162,7 @@ class LocalStore:
         Raises :class:`UnknownMailbox` when it does not exist and ``users`` does not
         know the address.
         """
-        normalised = normalize_address(address)
+        normalised = _normalized(address)
         key = address_key(normalised)
         with self._lock:
             if self._closed:
@@ -172,7 +179,7 @@ class LocalStore:
 
     def remove_mailbox(self, address: str) -> bool:
         """Delete a user's mailbox and all its mail (when the user is deleted); True if there was one."""
-        normalised = normalize_address(address)
+        normalised = _normalized(address)
         with self._lock:
             mailbox = self._mailboxes.pop(address_key(normalised), None)
         if mailbox is not None:
@@ -203,7 +210,7 @@ class LocalStore:
         size = files.known_size(message)
         for recipient in recipients:
             try:
-                address = normalize_address(recipient)
+                address = _normalized(recipient)
                 if address_key(address) in seen:
                     continue
                 seen.add(address_key(address))
@@ -231,7 +238,7 @@ class LocalStore:
                         continue
                     delivered.append(Delivered(address, appended.uidvalidity, appended.uid))
             finally:
-                files.unlink_quietly(temporary)
+                files.unlink_quietly(temporary)  # gone if renamed; else a failed or linked-only copy
             order = {address: index for index, (address, _) in enumerate(targets)}
             delivered.sort(key=lambda item: order[item.address])
         for item in delivered:
