@@ -21,6 +21,7 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
 _LOCAL_RE = re.compile(rf"^{_ATOM}(\.{_ATOM})*$")
 
 
+@functools.lru_cache(maxsize=4096)  # IDNA encoding is slow; every message asks again
 def normalize_address(text: str) -> str:
     """Return ``local@domain`` with the domain lower-cased and in IDNA A-label form.
 

@@ -63,6 +63,7 @@ from gatekeeper.keys.identity import Identity
 from gatekeeper.outbound import OutboundPipeline, Submission, Submitted, received_header, spool_file
 from gatekeeper.policy import Decision, sender_allowed
 from gatekeeper.tls import secrets_allowed, transport_is_secure
+from gatekeeper.upstream import set_nodelay
 
 log = Logger()
 
@@ -277,6 +278,11 @@ class SubmissionServer(smtp.ESMTP):
             self._process()
 
     # -- connection life cycle --------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        """Greet, with Nagle off: pipelined replies written one by one must not wait for ACKs."""
+        set_nodelay(self)
+        super().connectionMade()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Drop a message in progress (the client did not get its 250), clean up, unregister."""

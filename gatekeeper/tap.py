@@ -46,7 +46,7 @@ from gatekeeper.keys.keyring import KeyRing
 from gatekeeper.keys.store import FileKeyStore
 from gatekeeper.keys.unlocking import identity_from_wire, unlock_from_store
 from gatekeeper.metrics import GatewayMetrics, MetricsService, metrics_site
-from gatekeeper.outbound import OutboundPipeline
+from gatekeeper.outbound import OutboundPipeline, handoff_directory
 from gatekeeper.throttle import LoginThrottle
 from gatekeeper.tls import server_tls_options
 from gatekeeper.trust import TrustValidator, validator_from_config
@@ -316,6 +316,7 @@ def smtp_factory(parts: Parts) -> smtp_adapter.SubmissionFactory:
         capabilities=parts.capabilities,
         verify_recipients=config.upstream.verify_recipients,
         spool_directory=config.smtp.spool_directory,
+        handoff_directory=handoff_directory(),
         clock=parts.reactor,
     )
     return smtp_adapter.SubmissionFactory(

@@ -45,6 +45,7 @@ log = Logger()
 
 IDLE_SECONDS = 30.0
 MAX_TRANSACTIONS = 1000  # per connection, then a fresh one
+WHOLE_FILE = 4 * 1024 * 1024  # a spooled copy up to this size is sent from memory
 _LOST = RelayReply(451, "4.4.2 connection to the mail server lost")
 
 
@@ -261,6 +262,8 @@ class UpstreamConnection(smtp.ESMTPClient):
     async def send_data(self, message: bytes | Path) -> None:
         """Send the data of a message after ``354``, without the final dot."""
         self.setTimeout(self.limit)
+        if isinstance(message, Path) and message.stat().st_size <= WHOLE_FILE:
+            message = message.read_bytes()  # one read: cheaper than a producer for a small file
         if isinstance(message, bytes):
             self._write(dot_stuffed(message))
         else:
@@ -323,7 +326,7 @@ class SmtpRelay:
         timeout: float = 30.0,
         user: str | None = None,
         password: str | None = None,
-        pool_size: int = 4,
+        pool_size: int = 10,
         idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         self.reactor = reactor
