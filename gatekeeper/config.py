@@ -395,6 +395,28 @@ class TlsConfig:
 
 
 @attrs.frozen
+class LocalStoreConfig:
+    """``[upstream.store]``: the embedded mail store, used when no upstream server is configured.
+
+    ``data_dir`` holds each user's folders (Maildirs) and index; ``quota_bytes`` and
+    ``quota_messages`` limit each user over all folders (0: no limit).
+    """
+
+    data_dir: Path = Path("mail")
+    quota_bytes: int = 0
+    quota_messages: int = 0
+
+    @classmethod
+    def read(cls, section: _Section) -> LocalStoreConfig:
+        """Read this table, naming the setting in any error."""
+        return cls(
+            data_dir=section.path("data_dir", "mail"),
+            quota_bytes=section.integer("quota_bytes", 0, minimum=0),
+            quota_messages=section.integer("quota_messages", 0, minimum=0),
+        )
+
+
+@attrs.frozen
 class UpstreamConfig:
     """``[upstream]``: the real mail server; all three unset means the embedded local store.
 
@@ -414,7 +436,7 @@ class UpstreamConfig:
     smtp_user: str | None = None
     smtp_password_file: Path | None = None
     smtp_password_env: str | None = None
-    smtp_connections: int = 10
+    smtp_connections: int = 4
     verify_recipients: bool = True
     store: LocalStoreConfig = LocalStoreConfig()
 
@@ -453,7 +475,7 @@ class UpstreamConfig:
             raise section.fail("smtp_user", "set smtp_password_file or smtp_password_env for it")
         if smtp_user is not None and smtp is not None and smtp.security == "tcp":
             raise section.fail("smtp_user", "a password is only sent over TLS: use a tls: or starttls: smtp endpoint")
-        connections = section.integer("smtp_connections", 10, minimum=0, maximum=100)
+        connections = section.integer("smtp_connections", 4, minimum=0, maximum=100)
         verify = section.boolean("verify_recipients", True)
         store_table = _Section(f"{section.name}.store", section.table_of("store"), section.base_dir)
         store = LocalStoreConfig.read(store_table)
@@ -476,6 +498,7 @@ class UpstreamConfig:
             smtp_connections=connections,
             verify_recipients=verify,
             pass_through=pass_through,
+            store=store,
         )
 
 

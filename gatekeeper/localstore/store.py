@@ -31,6 +31,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from gatekeeper.address import address_key, domain_of, normalize_address
+from gatekeeper.config import Config
 from gatekeeper.errors import InvalidAddress
 from gatekeeper.events import emit
 from gatekeeper.keys.store import safe_name
@@ -94,6 +95,17 @@ class LocalStore:
             os.close(self._lock_fd)
             raise
         self._closed = False
+
+    @classmethod
+    def from_config(cls, config: Config, *, users: Callable[[str], bool] | None = None) -> LocalStore:
+        """The store ``[upstream.store]`` describes, for the ``[server] domains``."""
+        settings = config.upstream.store
+        return cls(
+            settings.data_dir,
+            domains=config.server.domains,
+            users=users,
+            quota=Quota(bytes=settings.quota_bytes, messages=settings.quota_messages),
+        )
 
     def _take_lock(self) -> int:
         path = self.data_dir / LOCK_FILE
