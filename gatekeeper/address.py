@@ -8,6 +8,7 @@ case-insensitive form used for every lookup and comparison.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import idna
