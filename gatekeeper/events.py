@@ -19,6 +19,9 @@ or any part of a message body.
                    none, ...), ``user``, ``protocol``, ``seconds``
 ``lookup``         ``source``, ``outcome`` (found, not_found, unavailable, cached), ``seconds``
 ``upstream``       ``protocol``, ``outcome`` (ok, error, timeout), ``detail``
+``store``          the embedded mail store: ``action`` (deliver, refuse, recover, rebuild),
+                   ``user``; deliver: ``uid``, ``size``; refuse: ``detail``, ``temporary``;
+                   recover: ``detail`` (what the recovery found, counted)
 ``key_use``        audit: ``operation`` (unlock, sign, decrypt), ``user``, ``session``,
                    ``message_id``, ``peer``
 ``admin``          audit: ``operation`` (add_user, passwd, rotate, delete_user, export,
