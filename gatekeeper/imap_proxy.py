@@ -70,10 +70,9 @@ from gatekeeper.interfaces import (
 log = Logger()
 
 CLASSIFY_ITEMS = b"(UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE X-GATEKEEPER-SECURITY)])"
-LISTING_CHUNK = 2000  # messages per upstream FETCH when no body is asked for
+LISTING_CHUNK = 50_000  # messages per upstream FETCH when no body is asked for (answers stream: no buffering)
 BODY_CHUNK = 25  # messages per upstream FETCH when bodies are (bounds memory)
 IDLE_RESTART_SECONDS = 25 * 60  # RFC 2177: re-issue IDLE before 29 minutes
-_LEADING_UID = re.compile(rb"\(UID \d+ ?")
 _CONTENT_TYPE = re.compile(rb"(?im)^content-type:\s*([a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+)")
 _SECURITY_HEADER = re.compile(rb"(?im)^x-gatekeeper-security:")
 _REVEALED_TYPES = frozenset(
@@ -552,16 +551,65 @@ class ProxySession:
         bodies = any(item.kind in BYTES_KINDS for item in items)
         size = BODY_CHUNK if bodies else LISTING_CHUNK
         kinds = self.cache.kinds(*self._mailbox_key())
+        listing = not any(item.needs_bytes for item in items)
         for chunk in syntax.chunks(uids, size):
             if content:
                 await self._classify(chunk, kinds)
-                plain = [u for u in chunk if kinds.get(u) is _PLAIN]
-                revealed = [u for u in chunk if kinds.get(u) is not _PLAIN and u in kinds]
-            else:
-                plain, revealed = list(chunk), []
+            if listing:
+                # one upstream FETCH for all: revealed messages' content items come from their views
+                await self._stream_listing(chunk, items, kinds, writer, want_uid, content=content)
+                continue
+            plain = [u for u in chunk if kinds.get(u) is _PLAIN]
+            revealed = [u for u in chunk if kinds.get(u) is not _PLAIN and u in kinds]
             answers = await self._revealed_answers(revealed, items, kinds, want_uid) if revealed else []
             await self._stream_plain(plain, items, answers, writer, want_uid)
         writer.flush()
+
+    async def _stream_listing(
+        self,
+        uids: Sequence[int],
+        items: Sequence[FetchItem],
+        kinds: dict[int, Kind],
+        writer: FetchWriter,
+        want_uid: bool,
+        *,
+        content: bool,
+    ) -> None:
+        """A FETCH that needs no revealed bytes: upstream's answers, revealed items replaced from the views."""
+        if content:
+            revealed = [u for u in uids if kinds.get(u) is not _PLAIN and u in kinds]
+            if revealed:
+                await self._reveal_many(revealed, kinds, need_bytes=False)
+        wanted = set(uids)
+        query = b"(UID " + b" ".join(i.wire() for i in items if i.kind != "UID") + b")"
+        seq_of = self.state.seq_of
+        has_uid_item = any(item.kind == "UID" for item in items)
+        meta_names = frozenset(i.kind.encode() for i in items if i.kind in ("FLAGS", "INTERNALDATE"))
+
+        def sink(response: FetchResponse) -> None:
+            uid = response.uid
+            if uid is None or uid not in wanted:
+                self.fetched(response)  # an unsolicited flag change during the FETCH
+                return
+            seq = seq_of(uid)
+            if seq is None:
+                return
+            view = kinds.get(uid, _PLAIN) if content else _PLAIN
+            if isinstance(view, MessageView):
+                meta = syntax.fetch_items_named(response.data, meta_names)
+                parts = [item.response_name() + b" " + (_revealed_item(item, uid, view, None, meta) or b"NIL")
+                         for item in items]  # fmt: skip
+                if want_uid and not has_uid_item:
+                    parts.append(b"UID %d" % uid)
+                writer.write(seq, b"(" + b" ".join(parts) + b")")
+                return
+            data = response.data
+            if not want_uid:
+                data = _strip_uid(data)
+            writer.write(seq, data)
+
+        sink.flush = writer.flush  # type: ignore[attr-defined]
+        await self.store.fetch(syntax.sequence_set(uids), query, sink)
 
     async def _classify(self, uids: Sequence[int], kinds: dict[int, Kind]) -> None:
         """Learn which of ``uids`` are to be revealed, from two header fields each."""
@@ -611,8 +659,7 @@ class ProxySession:
                     writer.write(*pending.popleft())
                 data = response.data
                 if not want_uid:
-                    match = _LEADING_UID.match(data)
-                    data = b"(" + data[match.end() :] if match is not None else _without_uid(data)
+                    data = _strip_uid(data)
                 writer.write(seq, data)
 
             sink.flush = writer.flush  # type: ignore[attr-defined]
@@ -991,6 +1038,14 @@ def _follow(running: Deferred[RevealedMessage]) -> Deferred[RevealedMessage]:
 def _forget_in_flight(result: Any, table: dict[Any, Any], key: Any) -> Any:
     table.pop(key, None)
     return None if hasattr(result, "raiseException") else result
+
+
+def _strip_uid(data: bytes) -> bytes:
+    """A FETCH item list without the UID item Gatekeeper added (the client did not ask for it)."""
+    if data.startswith(b"(UID "):
+        end = data.find(b" ", 5)
+        return b"(" + data[end + 1 :] if end > 0 else b"()"
+    return _without_uid(data)
 
 
 def _without_uid(data: bytes) -> bytes:

@@ -206,6 +206,37 @@ def fetch_items(data: bytes, pos: int = 0) -> list[tuple[bytes, bytes]]:
         pos = end
 
 
+def fetch_items_named(data: bytes, names: frozenset[bytes], pos: int = 0) -> dict[bytes, bytes]:
+    """The items called ``names`` of a FETCH list; stops reading once it has them all.
+
+    Servers put UID and FLAGS first, so a listing's ENVELOPE is never scanned for them.
+    """
+    found: dict[bytes, bytes] = {}
+    if not names:
+        return found
+    length = len(data)
+    while pos < length and data[pos] == 0x20:
+        pos += 1
+    if data[pos : pos + 1] != b"(":
+        raise ImapSyntaxError("fetch list expected")
+    pos += 1
+    while len(found) < len(names):
+        while pos < length and data[pos] == 0x20:
+            pos += 1
+        if pos >= length or data[pos] == 0x29:
+            return found
+        end = _item_name_end(data, pos)
+        name = data[pos:end].upper()
+        pos = end
+        while pos < length and data[pos] == 0x20:
+            pos += 1
+        end = skip_value(data, pos)
+        if name in names:
+            found[name] = data[pos:end]
+        pos = end
+    return found
+
+
 def flags_of(value: bytes) -> tuple[str, ...]:
     """The flags in a raw ``(\\Seen $Label)`` value."""
     inner = value.strip()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 from cryptography import x509
@@ -314,12 +314,13 @@ class SelectInfo:
     readonly: bool = False
 
 
-@attrs.frozen
-class FetchResponse:
+class FetchResponse(NamedTuple):
     """One FETCH response: the store's message number and the item list as received.
 
     ``data`` is the parenthesised list exactly as the store sent it, literals inline
     (``(UID 7 FLAGS (\\Seen) BODY[] {5}\\r\\nhello)``); ``uid`` is its UID item when present.
+    A named tuple, not an attrs class: a listing makes one per message, and this is
+    the cheapest object Python has to make.
     """
 
     seq: int

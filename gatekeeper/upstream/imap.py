@@ -61,6 +61,7 @@ log = Logger()
 MAX_RESPONSE_LINE = 4 * 1024 * 1024
 _NUMBERED = re.compile(rb"(\d+) ([A-Za-z]+)")
 _LEADING_UID = re.compile(rb"\(UID (\d+)[ )]")
+_FETCH_WITH_UID = re.compile(rb"(\d+) FETCH \(UID (\d+)[ )]")
 _CODE = re.compile(rb"\[([^\]]*)\]")
 _REFUSED_LOGIN_CODES = frozenset({"AUTHENTICATIONFAILED", "AUTHORIZATIONFAILED", "EXPIRED", "PRIVACYREQUIRED"})
 
@@ -259,8 +260,17 @@ class UpstreamImapProtocol(imap4.IMAP4Client):
             self._tagged(tag, rest)
 
     def _untagged(self, rest: bytes) -> None:
-        numbered = _NUMBERED.match(rest)
         command = self._current()
+        quick = _FETCH_WITH_UID.match(rest)
+        if quick is not None:
+            # the common case, one per message of a listing: "N FETCH (UID u ..."
+            response = FetchResponse(int(quick.group(1)), int(quick.group(2)), rest[quick.start(2) - 5 :])
+            if command is not None and command.sink is not None:
+                command.sink(response)
+            elif self.events is not None:
+                self.events.fetched(response)
+            return
+        numbered = _NUMBERED.match(rest)
         if numbered is not None:
             number = int(numbered.group(1))
             keyword = numbered.group(2).upper()
