@@ -71,7 +71,14 @@ class CheckAgainstTheStackTests(SynchronousTestCase):
         self.password.write_text(CHECK_PASSWORD + "\n")
         self.reader = self.slapd.config().bind_password_file
 
-    def config(self, *, ca_file: Path | None = None, reader: Path | None = None, ldap_starttls: bool = False) -> Path:
+    def config(
+        self,
+        *,
+        ca_file: Path | None = None,
+        reader: Path | None = None,
+        ldap_starttls: bool = False,
+        upstream_extra: str = "",
+    ) -> Path:
         stack = self.stack
         ldap_url = self.slapd.ldap_url if ldap_starttls else self.slapd.ldaps_url
         extra = f"""
@@ -81,6 +88,7 @@ pop3 = "starttls:127.0.0.1:{stack.pop3_port}"
 imap = "tls:127.0.0.1:{stack.imaps_port}"
 ca_file = "{ca_file or stack.ca_file}"
 timeout_seconds = 10
+{upstream_extra}
 [directory.ldap]
 url = "{ldap_url}"
 base_dn = "{SUFFIX}"
@@ -115,6 +123,16 @@ check_password_file = "{self.password}"
         self.assertEqual(status, 0, out)
         self.assertEqual(rows(out)["ldap"]["LOGIN"], "ok")
         self.assertEqual(rows(out)["ldap"]["TARGET"], self.slapd.ldap_url)
+
+    def test_smtp_logs_in_as_the_relay_account(self) -> None:
+        relay_password = self.dir / "relay.password"
+        relay_password.write_text("bobpw\n")
+        extra = f'smtp_user = "bob@example.org"\nsmtp_password_file = "{relay_password}"'
+        status, out, _ = run_cli(self.config(upstream_extra=extra), "check")
+        self.assertEqual(status, 0, out)
+        table = rows(out)
+        self.assertIn("logged in as bob@example.org", table["upstream smtp"]["DETAIL"])
+        self.assertIn("logged in as alice@example.org", table["upstream imap"]["DETAIL"])
 
     def test_directory_down_is_red_and_fails(self) -> None:
         config = self.config()
