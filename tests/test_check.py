@@ -275,6 +275,8 @@ class CrlTests(TestCase):
         self.assertEqual(row.reach, Step.FAIL)
         row = await _check_crl(self.write("junk.crl", b"not a crl"), ())
         self.assertFalse(row.ok)
+        self.assertEqual((row.reach, row.tls, row.login), (Step.OK, Step.NONE, Step.NONE))
+        self.assertIn("FAIL", repr(CheckReport((row,))).splitlines()[1])
 
 
 class ConsoleCheckTests(TestCase):

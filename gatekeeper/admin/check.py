@@ -79,7 +79,10 @@ class Step(enum.StrEnum):
 
 @attrs.frozen
 class CheckRow:
-    """One thing checked: reached, TLS, login, the TCP round trip, the verdict and why."""
+    """One thing checked: reached, TLS, login, the TCP round trip, the verdict and why.
+
+    ``invalid`` marks a failure that is none of the steps (a stale or forged CRL).
+    """
 
     name: str
     target: str
@@ -88,11 +91,12 @@ class CheckRow:
     login: Step = Step.NONE
     rtt: float | None = None
     detail: str = ""
+    invalid: bool = False
 
     @property
     def ok(self) -> bool:
         """True when no step failed."""
-        return Step.FAIL not in (self.reach, self.tls, self.login)
+        return not self.invalid and Step.FAIL not in (self.reach, self.tls, self.login)
 
 
 @attrs.frozen
@@ -691,7 +695,7 @@ async def _check_crl(path: Path, anchors: tuple[x509.Certificate, ...]) -> Check
     try:
         crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
     except ValueError:
-        return CheckRow(name, str(path), Step.OK, detail="not a CRL (PEM or DER)", tls=Step.NONE, login=Step.FAIL)
+        return CheckRow(name, str(path), Step.OK, detail="not a CRL (PEM or DER)", invalid=True)
     issuer = crl.issuer.rfc4514_string()
     notes = [f"issuer {issuer}"]
     problem = ""
@@ -709,7 +713,7 @@ async def _check_crl(path: Path, anchors: tuple[x509.Certificate, ...]) -> Check
         else:
             notes.append(f"next update {next_update:%Y-%m-%d}")
     if problem:
-        return CheckRow(name, str(path), Step.OK, login=Step.FAIL, detail="; ".join([problem, *notes]))
+        return CheckRow(name, str(path), Step.OK, detail="; ".join([problem, *notes]), invalid=True)
     return CheckRow(name, str(path), Step.OK, detail="; ".join(notes))
 
 
