@@ -290,15 +290,17 @@ def reveal(
     at: datetime.datetime | None = None,
 ) -> tuple[bytes, Report]:
     """Decrypt, verify and report on ``message`` for ``identity`` (see the module's docstring)."""
-    data = smime.canonicalize(message)
-    block, offset = _split(data)
-    outer_fields = _fields(block)
+    # The header fields alone (open_message makes the whole message canonical itself).
+    try:
+        outer_fields = _fields(_split(smime.canonicalize(message[: smime.MAX_HEADER_BYTES + 4]))[0])
+    except smime.LimitExceeded:
+        outer_fields = []  # a header of over a megabyte: shown as text, below
     sender, message_id = _sender(outer_fields), _message_id(outer_fields)
     removed = [f"a forged {SECURITY_HEADER} header field" for name, _ in outer_fields if name in _FORGED_FIELDS]
     opened: smime.Opened | None = None
     failure: tuple[str, str] | None = None
     try:
-        opened = smime.open_message(data, identity.keys, validator, sender, at=at)
+        opened = smime.open_message(message, identity.keys, validator, sender, at=at)
     except smime.SMIMEError as error:
         failure = (_failure_code(error), str(error))
     except Exception as error:  # a bug must not lose the message: show it as it arrived
@@ -308,9 +310,11 @@ def reveal(
         entity = opened.content
     else:
         # Delivered as it arrived: the outer Content-* fields and the body are the entity.
+        data = smime.canonicalize(message)
+        offset = _split(data)[1] if outer_fields else 0
         headers = b"".join(raw for name, raw in outer_fields if name not in _FORGED_FIELDS and not _is_content(name))
         entity = b"".join(raw for name, raw in outer_fields if _is_content(name)) + b"\r\n" + data[offset:]
-    del data
+        del data
     entity, stripped = _strip_forged(entity, 0)
     removed += stripped
     report = _report(identity, opened, failure, sender, message_id, removed, options)
@@ -676,8 +680,8 @@ def _boundary(entity: bytes, report_text: str) -> bytes:
     """A boundary derived from the content (so the same input always gives the same output) not found in it."""
     seed = hashlib.sha256()
     seed.update(b"%d\0" % len(entity))
-    seed.update(entity[:65536])
-    seed.update(entity[-65536:])
+    seed.update(entity[:8192])
+    seed.update(entity[-8192:])
     seed.update(report_text.encode("utf-8"))
     for counter in range(1000):
         candidate = b"=_gatekeeper_" + hashlib.sha256(seed.digest() + b"%d" % counter).hexdigest()[:32].encode()
@@ -774,7 +778,7 @@ class Revealer:
         self._capabilities = capabilities
         self._remember_interval = remember_interval
         self._remembered: dict[tuple[str, tuple[str, ...]], float] = {}
-        self._harvested: dict[tuple[str, tuple[str, ...] | None], float] = {}
+        self._harvested: dict[tuple[bytes, tuple[str, ...] | None], float] = {}
         self._wires: weakref.WeakKeyDictionary[Identity, WireIdentity] = weakref.WeakKeyDictionary()
 
     def _wire(self, identity: Identity) -> WireIdentity:
@@ -835,13 +839,13 @@ class Revealer:
                 log.warn("could not remember the certificate of {address}: {kind}", address=item.address, kind=error)
 
     def _harvest_one(self, item: Harvest, now: float) -> None:
-        certificate = x509.load_der_x509_certificate(item.certificate)
-        key = (fingerprint(certificate), item.capabilities)
+        key = (item.certificate, item.capabilities)
         if self._keyring is not None and now - self._harvested.get(key, -1e18) >= self._remember_interval:
+            certificate = x509.load_der_x509_certificate(item.certificate)
             chain = tuple(x509.load_der_x509_certificate(der) for der in item.chain)
             known = [n for n in item.capabilities or () if n in alg.CAPABILITY_OIDS]
             attribute = capabilities_attribute_value(known) if known else None
-            entry = self._keyring.entry(key[0])
+            entry = self._keyring.entry(fingerprint(certificate))
             if entry is None or entry.chain != chain or (attribute is not None and entry.capabilities != attribute):
                 self._keyring.harvest(certificate, chain, attribute)
             self._harvested[key] = now

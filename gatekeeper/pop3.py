@@ -32,6 +32,7 @@ from gatekeeper.inbound import Revealer
 from gatekeeper.interfaces import IPop3Maildrop, IPop3Upstream, MaildropEntry, UpstreamLogin
 from gatekeeper.keys.identity import Identity
 from gatekeeper.tls import secrets_allowed, transport_is_secure
+from gatekeeper.upstream import set_nodelay
 from gatekeeper.upstream.credentials import LoginResolver
 
 log = Logger()
@@ -71,7 +72,11 @@ class Pop3Server(pop3.POP3):
         )
 
     def connectionMade(self) -> None:
-        """Greet without an APOP timestamp: APOP is not offered."""
+        """Greet without an APOP timestamp (APOP is not offered), with Nagle off.
+
+        A message's last small segment must not wait for the client's delayed ACK.
+        """
+        set_nodelay(self)
         self.successResponse(b"Gatekeeper POP3 ready")
         self.setTimeout(self.timeOut)
 
@@ -600,22 +605,27 @@ class ProxyMailbox:
         return [self._sizes[i] for i in indexes]
 
     def retrieved(self, index: int) -> None:
-        """``RETR`` sent message ``index``: drop it from the cache and reveal the next one ahead."""
+        """``RETR`` sent message ``index``: drop it from the cache and reveal the next ones ahead.
+
+        Up to ``parallel`` messages are revealed ahead (one per worker), as long as their
+        stored sizes fit in what the cache has left: while the client reads one message,
+        upstream sends the next ones and the workers decrypt them.
+        """
         cached = self._cache.pop(index, None)
         if cached is not None:
             self._cached_bytes -= len(cached)
-        following = index + 1
-        if (
-            self._read_ahead
-            and not self.closed
-            and following < len(self.entries)
-            and following not in self.deleted
-            and following not in self._cache
-            and following not in self._working
-            and self.entries[following].size <= self._cache_limit
-        ):
-            # Failures are forgotten: the RETR that needs the message will try again.
-            self._start(following).wait().addErrback(lambda _: None)
+        if not self._read_ahead or self.closed:
+            return
+        room = self._cache_limit - self._cached_bytes
+        for following in range(index + 1, min(index + 1 + self._parallel, len(self.entries))):
+            if following in self.deleted or following in self._cache:
+                continue
+            room -= self.entries[following].size
+            if room < 0:
+                break
+            if following not in self._working:
+                # Failures are forgotten: the RETR that needs the message will try again.
+                self._start(following).wait().addErrback(lambda _: None)
 
     async def top(self, index: int, lines: int) -> bytes:
         """The revealed message's header and the first ``lines`` lines of its body."""

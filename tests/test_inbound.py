@@ -335,6 +335,12 @@ class RevealTests(SynchronousTestCase):
         self.assertNotIn("boom", report.text)
         self.assertEqual(parts(revealed)[1][0], ENTITY)
 
+    def test_a_header_too_large_to_read_is_shown_as_text(self) -> None:
+        huge = b"X-Padding: " + b"p" * (1024 * 1024 + 100) + b"\r\n" + message()
+        revealed, report = self.reveal(huge)
+        self.assertEqual((report.decrypted, report.error), ("failed", "too-large"))
+        self.assertIn(huge, revealed)
+
     def test_a_report_with_non_ascii_text_is_quoted_printable(self) -> None:
         umlaut_ca = TestPKI("Bürger CA", key_index=66)
         issued = umlaut_ca.user(ALICE, key_index=60)

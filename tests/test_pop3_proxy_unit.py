@@ -194,19 +194,22 @@ class Pop3ProxyTests(SynchronousTestCase):
         self.assertTrue(self.send(protocol, t, b"NOOP").startswith(b"+OK"))
 
     def test_read_ahead_and_no_cache(self) -> None:
-        for n in range(3):
+        for n in range(4):
             self.upstream.deliver(BOB, plain(f"m{n}"))
         protocol, t = self.logged_in()
         self.retr(protocol, t, 1)
-        self.assertEqual(self.upstream.retrieved, [0, 1])  # the next one was revealed ahead
+        self.assertEqual(self.upstream.retrieved, [0, 1, 2])  # the next two (one per worker) revealed ahead
+        self.send(protocol, t, b"DELE 3")
         self.retr(protocol, t, 2)
-        self.assertEqual(self.upstream.retrieved, [0, 1, 2])
+        self.assertEqual(self.upstream.retrieved, [0, 1, 2, 3])  # 3 is revealed and deleted: 4 is next
+        self.assertEqual(self.retr(protocol, t, 4).count(b"Subject: m3"), 1)
+        self.assertEqual(self.upstream.retrieved, [0, 1, 2, 3])
         self.build(cache_bytes=0)
         protocol, t = self.logged_in()
         self.upstream.retrieved.clear()
         self.send(protocol, t, b"LIST")
         self.retr(protocol, t, 1)
-        self.assertEqual(self.upstream.retrieved, [0, 1, 2, 0])  # no cache: revealed again
+        self.assertEqual(self.upstream.retrieved, [0, 1, 2, 3, 0])  # no cache: revealed again
 
     def test_pipelined_commands_wait_for_a_slow_upstream(self) -> None:
         self.upstream.deliver(BOB, plain("slow"))
