@@ -191,6 +191,21 @@ class LayoutTests(StoreCase):
         self.assertRaises(InvalidAddress, store.mailbox, "not an address")
 
 
+class RemoveMailboxTests(StoreCase):
+    def test_removing_a_mailbox_deletes_its_mail(self) -> None:
+        store = self.open_store()
+        store.deliver(["bob@example.org"], MESSAGE)
+        old = store.mailbox("bob@example.org")
+        root = old.root
+        self.assertTrue(store.mailbox_exists("BOB@example.org"))
+        self.assertTrue(store.remove_mailbox("Bob@Example.org"))
+        self.assertTrue(old.closed)
+        self.assertFalse(root.exists())
+        self.assertEqual(list((self.data_dir / "mailboxes").iterdir()), [])
+        self.assertFalse(store.remove_mailbox("bob@example.org"))
+        self.assertEqual(store.mailbox("bob@example.org").status(INBOX).messages, 0)
+
+
 class DeliveryTests(StoreCase):
     def test_domains_and_users_decide_who_is_local(self) -> None:
         store = self.open_store()
