@@ -41,7 +41,9 @@ It runs :func:`reveal_job` in the worker pool (keys cross as a
 harvests the certificates of valid, trusted signers into the key ring and remembers
 their S/MIME capabilities (:attr:`Report.harvest`), and emits the ``reveal`` and
 ``key_use`` events. Worker failures (:class:`~gatekeeper.workers.WorkersBusy`,
-:class:`~gatekeeper.workers.WorkerCrashed`) are temporary errors and propagate.
+:class:`~gatekeeper.workers.WorkerCrashed`) are temporary errors and propagate. A caller
+whose own worker job calls :func:`reveal_job` (to do more there with the result) calls
+``revealer.record(identity, report, protocol=...)`` on the reactor afterwards instead.
 """
 
 from __future__ import annotations
@@ -799,7 +801,27 @@ class Revealer:
         """Reveal ``message`` for ``identity`` in a worker; harvest and emit events here."""
         started = self._clock.seconds()
         revealed, report = await self.workers.run(reveal_job, self._wire(identity), message, self.trust, self.options)
-        seconds = self._clock.seconds() - started
+        self.record(
+            identity, report, protocol=protocol, session=session, peer=peer, seconds=self._clock.seconds() - started
+        )
+        return revealed, report
+
+    def record(
+        self,
+        identity: Identity,
+        report: Report,
+        *,
+        protocol: str,
+        session: int | None = None,
+        peer: str | None = None,
+        seconds: float = 0.0,
+    ) -> None:
+        """What follows every reveal on the reactor: harvest trusted signers, emit ``reveal`` and ``key_use``.
+
+        :meth:`reveal` calls it; a caller that runs :func:`reveal_job` inside a worker job
+        of its own (the IMAP proxy, which builds its view of the message there too) calls
+        it with the report that job returned.
+        """
         self.harvest(report)
         emit(
             log,
@@ -826,7 +848,6 @@ class Revealer:
                 protocol=protocol,
                 key_ids=report.key_ids,
             )
-        return revealed, report
 
     def harvest(self, report: Report) -> None:
         """Remember the valid, trusted signers of a report (key ring and capabilities)."""
