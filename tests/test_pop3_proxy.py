@@ -31,6 +31,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 from twisted.mail import pop3
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -415,10 +416,22 @@ class UpstreamClientTests(TestCase):
                 maildrop.close()
                 await maildrop.closed()
 
+    def upstream_events(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
     async def test_wrong_password(self) -> None:
+        events = self.upstream_events()
         with self.assertRaises(UpstreamRefused) as caught:
             await self.upstream("tls", self.stack.pop3s_port).open(UpstreamLogin(BOB, BOB, "wrong"))
         self.assertEqual(caught.exception.code, "AUTH")
+        maildrop = await self.upstream("tls", self.stack.pop3s_port).open(UpstreamLogin(BOB, BOB, PASSWORDS[BOB]))
+        await maildrop.commit([])
+        outcomes = [(e["protocol"], e["outcome"], e["user"]) for e in events if e.get("gk_event") == "upstream"]
+        self.assertEqual(outcomes, [("pop3", "error", BOB), ("pop3", "ok", BOB), ("pop3", "ok", BOB)])
+        self.assertNotIn("wrong", repr(events))
 
     async def test_a_certificate_from_another_ca_is_refused(self) -> None:
         other = Path(self.mktemp())
@@ -433,10 +446,12 @@ class UpstreamClientTests(TestCase):
         return int(port.getHost().port)
 
     async def test_a_silent_server_times_out(self) -> None:
+        events = self.upstream_events()
         port = await self.listen(Silent)
         with self.assertRaises(UpstreamUnavailable) as caught:
             await self.upstream("tcp", port, timeout=1).open(UpstreamLogin(BOB, BOB, "x"))
         self.assertIn("did not answer within 1 s", str(caught.exception))
+        self.assertEqual([e["outcome"] for e in events if e.get("gk_event") == "upstream"], ["timeout"])
 
     async def test_stls_is_required(self) -> None:
         port = await self.listen(NoStls)

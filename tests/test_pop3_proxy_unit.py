@@ -142,6 +142,15 @@ class Pop3ProxyTests(SynchronousTestCase):
         self.assertEqual(sorted(self.upstream.retrieved), [0, 1])
         self.assertEqual(len([e for e in self.events if e.get("gk_event") == "reveal"]), 2)
 
+    def test_capa_after_login(self) -> None:
+        protocol, t = self.logged_in()
+        capabilities = self.send(protocol, t, b"CAPA").split(b"\r\n")
+        for name in (b"TOP", b"UIDL", b"RESP-CODES", b"PIPELINING"):
+            self.assertIn(name, capabilities)
+        for name in (b"USER", b"STLS"):
+            self.assertNotIn(name, capabilities)
+        self.assertFalse([c for c in capabilities if c.startswith(b"SASL")])
+
     def test_top_shows_the_revealed_header_and_body_lines(self) -> None:
         self.upstream.deliver(BOB, plain("top", b"line 1\r\nline 2\r\n"))
         protocol, t = self.logged_in()
