@@ -767,7 +767,7 @@ class OutboundPipeline:
         result: ProtectResult | None = None
         try:
             try:
-                result = await self.workers.run(protect, request)
+                result = await self._protect(request)
             except (MessageRejected, TemporaryError):
                 raise
             except smime.SMIMEError as error:
@@ -795,6 +795,24 @@ class OutboundPipeline:
             deliveries=tuple((d.kind, len(d.recipients)) for d in result.deliveries),
             refused=refused,
         )
+
+    async def _protect(self, request: ProtectRequest) -> ProtectResult:
+        """Run :func:`protect` in a worker; if the client goes away meanwhile, drop its files when it ends.
+
+        Cancelling the wait does not stop the worker, which may still write the copies to
+        spool files: nobody would delete them.
+        """
+        job: Deferred[ProtectResult] = Deferred.fromCoroutine(self.workers.run(protect, request))
+        waiting: Deferred[ProtectResult] = Deferred()
+
+        def finished(result: object) -> None:
+            if not waiting.called:
+                waiting.callback(result)  # type: ignore[arg-type]  # a Failure errbacks
+            elif isinstance(result, ProtectResult):
+                remove_spooled(d.message for d in result.deliveries)
+
+        job.addBoth(finished)
+        return await waiting
 
     async def _partial(
         self, submission: Submission, result: ProtectResult, outcomes: Sequence[RelayOutcome]
