@@ -75,7 +75,7 @@ from gatekeeper.events import emit
 from gatekeeper.keys.identity import Identity
 from gatekeeper.keys.keyring import KeyRing, fingerprint
 from gatekeeper.keys.unlocking import WireIdentity, identity_from_wire, identity_to_wire
-from gatekeeper.smime import _content_type, _fields, _split, _split_multipart
+from gatekeeper.smime import _PARAM, _content_type, _fields, _split, _split_multipart
 from gatekeeper.trust import (
     SEVERITY,
     TrustResult,
@@ -366,9 +366,6 @@ def _message_id(fields: Sequence[tuple[str, bytes]]) -> str | None:
     return None
 
 
-_PARAMETER = re.compile(r';\s*([A-Za-z0-9_.*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
-
-
 def _filenames(fields: Sequence[tuple[str, bytes]]) -> list[str]:
     """The file names a part gives itself (Content-Disposition filename, Content-Type name; RFC 2231 too)."""
     names = []
@@ -376,7 +373,7 @@ def _filenames(fields: Sequence[tuple[str, bytes]]) -> list[str]:
         if name not in ("content-disposition", "content-type"):
             continue
         params: dict[str, str] = {}
-        for key, value in _PARAMETER.findall(_unfolded(raw)):
+        for key, value in _PARAM.findall(_unfolded(raw)):
             params[key.lower()] = re.sub(r"\\(.)", r"\1", value[1:-1]) if value.startswith('"') else value
         for base in ("filename", "name"):
             if base in params:

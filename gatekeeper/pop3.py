@@ -233,7 +233,7 @@ class Pop3Server(pop3.POP3):
 
     def _transaction_failed(self, failure: Failure) -> None:
         error: BaseException = failure.value  # type: ignore[assignment]
-        if not isinstance(error, ValueError | GatekeeperError):
+        if not isinstance(error, NoSuchMessage | MessageDeleted | GatekeeperError):
             log.failure("POP3 command failed", failure)
         self.failResponse(_error_reply(error))
 
