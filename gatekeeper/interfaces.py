@@ -276,6 +276,8 @@ class IPop3Maildrop(Interface):
 
     def close() -> None:
         """End the session at once, deleting nothing (the client went away)."""
+
+
 # -- the mail store behind the IMAP proxy -------------------------------------------------
 #
 # The IMAP proxy (gatekeeper/imap_proxy.py) reads and changes mailboxes through one
