@@ -445,3 +445,47 @@ class PipelineTests(TestCase):
         relay.refuse_copy["alice@example.org"] = RelayReply(452, "4.2.2 mailbox full")
         with self.assertRaises(UpstreamUnavailable):
             await self.submit(pipeline(relay), "bob@example.org", "dave@example.net")
+
+
+class HeldWorkers:
+    """Runs jobs only when the test says so."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Deferred[object], object, tuple[object, ...]]] = []
+
+    async def run(self, function: object, *args: object) -> object:
+        waiting: Deferred[object] = Deferred()
+        self.jobs.append((waiting, function, args))
+        return await waiting
+
+    def finish(self) -> None:
+        for waiting, function, args in self.jobs:
+            waiting.callback(function(*args))  # type: ignore[operator]
+
+
+class CancelTests(TestCase):
+    async def test_a_cancelled_submission_leaves_no_spool_files(self) -> None:
+        spool = Path(self.mktemp()).absolute()
+        spool.mkdir()
+        source = spool / "in.eml"
+        source.write_bytes(MESSAGE)
+        workers = HeldWorkers()
+        relay = MemoryRelay()
+        outbound = OutboundPipeline(
+            key_manager=FakeKeys({}),
+            workers=workers,  # type: ignore[arg-type]
+            relay=relay,
+            policy=PolicyConfig(),
+            hostname="gk.example.org",
+            spool_directory=spool,
+        )
+        decision = await outbound.check_recipient(ALICE, 1, "alice@example.org", "carol@example.org")
+        submitting = Deferred.fromCoroutine(
+            outbound.submit(Submission(ALICE, 1, "c", "alice@example.org", (decision,), source, RECEIVED))
+        )
+        submitting.addErrback(lambda _: None)
+        submitting.cancel()  # the client went away while its message was being protected
+        workers.finish()  # the worker still wrote its copies
+        source.unlink()
+        self.assertEqual(list(spool.iterdir()), [])
+        self.assertEqual(relay.delivered, [])
