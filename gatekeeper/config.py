@@ -436,7 +436,7 @@ class UpstreamConfig:
     smtp_user: str | None = None
     smtp_password_file: Path | None = None
     smtp_password_env: str | None = None
-    smtp_connections: int = 4
+    smtp_connections: int = 10
     verify_recipients: bool = True
     store: LocalStoreConfig = LocalStoreConfig()
 
@@ -475,7 +475,7 @@ class UpstreamConfig:
             raise section.fail("smtp_user", "set smtp_password_file or smtp_password_env for it")
         if smtp_user is not None and smtp is not None and smtp.security == "tcp":
             raise section.fail("smtp_user", "a password is only sent over TLS: use a tls: or starttls: smtp endpoint")
-        connections = section.integer("smtp_connections", 4, minimum=0, maximum=100)
+        connections = section.integer("smtp_connections", 10, minimum=0, maximum=100)
         verify = section.boolean("verify_recipients", True)
         store_table = _Section(f"{section.name}.store", section.table_of("store"), section.base_dir)
         store = LocalStoreConfig.read(store_table)
