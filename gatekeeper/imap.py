@@ -928,10 +928,19 @@ def proxy_backend(
         async def reveal(message: bytes) -> RevealedMessage:
             if not wire:
                 wire.append(identity_to_wire(identity))
+            started = reactor.seconds()
             revealed, report, view = await workers.run(
                 reveal_for_imap, wire[0], message, revealer.trust, revealer.options
             )
-            revealer.harvest(report)
+            # harvest trusted signers, emit the reveal and key_use events
+            revealer.record(
+                identity,
+                report,
+                protocol="imap",
+                session=session.session_id,
+                peer=session.client,
+                seconds=reactor.seconds() - started,
+            )
             return RevealedMessage(revealed, view, report.decrypted, report.signature, ",".join(report.key_ids) or None)
 
         return reveal

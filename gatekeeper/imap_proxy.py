@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import collections
 import re
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -53,7 +52,6 @@ from zope.interface import implementer
 from gatekeeper import imap_mime
 from gatekeeper import imap_syntax as syntax
 from gatekeeper.errors import UpstreamUnavailable
-from gatekeeper.events import emit
 from gatekeeper.imap_mime import MessageView
 from gatekeeper.imap_state import Phase, SessionState, UidValidityChanged, Updates
 from gatekeeper.interfaces import (
@@ -759,32 +757,10 @@ class ProxySession:
         return {uid: revealed.message for uid, revealed in zip(waits, results, strict=True)}
 
     async def _reveal_one(self, key: tuple[str, int, int], message: bytes, kinds: dict[int, Kind]) -> RevealedMessage:
-        started = time.monotonic()
+        """Reveal one message (the reveal function emits the ``reveal`` and ``key_use`` events)."""
         revealed = await self.reveal(message)
         kinds[key[2]] = revealed.view
         self.cache.put_bytes(key, revealed.message)
-        emit(
-            log,
-            "reveal",
-            "revealed a message for {user}: decrypted={decrypted} signature={signature}",
-            decrypted=revealed.decrypted,
-            signature=revealed.signature,
-            user=self.user,
-            protocol="imap",
-            seconds=round(time.monotonic() - started, 4),
-        )
-        if revealed.decrypted == "yes":
-            emit(
-                log,
-                "key_use",
-                "message decrypted for {user} (IMAP)",
-                operation="decrypt",
-                user=self.user,
-                session=None,
-                message_id=None,
-                peer=None,
-                key_id=revealed.key_id,
-            )
         return revealed
 
     # -- SEARCH -------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 
@@ -349,7 +350,22 @@ class ImapProxyCases:
             finally:
                 client.logout()
 
-        seen = await self.in_thread(run)
+        events: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("protocol") != "imap":
+                return
+            if event.get("gk_event") == "reveal" or event.get("operation") == "decrypt":
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        try:
+            seen = await self.in_thread(run)
+        finally:
+            globalLogPublisher.removeObserver(observe)
+        # revealed once (then cached), with the audit event for the decryption
+        self.assertEqual([(e["gk_event"], e.get("decrypted")) for e in events], [("reveal", "yes"), ("key_use", None)])
+        self.assertEqual((events[1]["operation"], events[1]["user"]), ("decrypt", BOB))
         item = seen["full"][2]
         revealed = body_of(item[b"BODY[]"])
         self.assertIn(b"the launch code is 0000", revealed)
