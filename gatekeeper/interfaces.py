@@ -182,18 +182,33 @@ class RelayOutcome:
         return self.reply.accepted
 
 
-class ISubmissionRelay(Interface):
-    """Where authenticated submissions go once protected: the upstream server or the local store.
+class IRelayTransaction(Interface):
+    """One client transaction: its recipients put to the relay one by one, then its copies."""
 
-    Both methods are coroutines. A relay is asked about each recipient when the client
-    names it, then hands the finished copies on all together.
-    """
-
-    async def verify(sender: str, recipient: str) -> RelayReply:
-        """Would mail from ``sender`` to ``recipient`` be accepted? Returns the reply to the recipient.
+    async def add_recipient(recipient: str) -> RelayReply:
+        """Would mail to ``recipient`` be accepted? Returns the reply for it.
 
         Raises :class:`~gatekeeper.errors.UpstreamUnavailable` when the relay cannot be asked.
         """
+
+    async def send(copies: Sequence[RelayCopy]) -> tuple[RelayOutcome, ...]:
+        """Deliver the finished copies, as :meth:`ISubmissionRelay.relay` does (they need not
+        have exactly the recipients added: copies for several treatments, a recipient the
+        policy refused)."""
+
+    def abort() -> None:
+        """Give up the transaction (RSET, a client that went away); nothing is delivered."""
+
+
+class ISubmissionRelay(Interface):
+    """Where authenticated submissions go once protected: the upstream server or the local store.
+
+    A client transaction is a :meth:`transaction`: each recipient is put to the relay
+    when the client names it, then the finished copies are handed on all together.
+    """
+
+    def transaction(sender: str) -> IRelayTransaction:
+        """Begin a transaction for mail from ``sender`` (``""``: the null sender)."""
 
     async def relay(copies: Sequence[RelayCopy]) -> tuple[RelayOutcome, ...]:
         """Deliver every copy, or none: one outcome per copy, in order.

@@ -46,6 +46,7 @@ import contextlib
 import datetime
 import email.utils
 import functools
+import itertools
 import os
 import re
 import shutil
@@ -76,7 +77,7 @@ from gatekeeper.errors import (
     UpstreamUnavailable,
 )
 from gatekeeper.events import emit
-from gatekeeper.interfaces import ISubmissionRelay, RelayCopy, RelayOutcome
+from gatekeeper.interfaces import IRelayTransaction, ISubmissionRelay, RelayCopy, RelayOutcome, RelayReply
 from gatekeeper.keys.identity import Identity
 from gatekeeper.keys.unlocking import WireIdentity, identity_from_wire, identity_to_wire
 from gatekeeper.policy import Action, Decision, decide, sender_allowed
@@ -378,11 +379,19 @@ def _read(message: bytes | Path) -> bytes:
     return message
 
 
+_SPOOL_NAMES = itertools.count()
+
+
 def spool_file(directory: Path | None, prefix: str = "gk-spool-") -> tuple[Any, Path]:
     """A new private (0600) spool file: an open binary file object and its path (named after the process)."""
-    handle, name = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".eml", dir=directory)
-    os.fchmod(handle, 0o600)
-    return os.fdopen(handle, "wb"), Path(name)
+    folder = directory if directory is not None else Path(tempfile.gettempdir())
+    while True:
+        path = folder / f"{prefix}{os.getpid()}-{next(_SPOOL_NAMES)}-{os.urandom(6).hex()}.eml"
+        try:
+            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+        return os.fdopen(handle, "wb"), path
 
 
 def handoff_directory(root: Path = Path("/dev/shm")) -> Path | None:  # noqa: S108 - a private 0700 subdirectory
@@ -612,6 +621,7 @@ class Submission:
     message: bytes | Path = attrs.field(repr=False)
     received: bytes
     eight_bit_declared: bool = False
+    transaction: IRelayTransaction | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen
@@ -658,8 +668,22 @@ class OutboundPipeline:
         """Whether the logged-in user may use ``sender`` in ``MAIL FROM``."""
         return sender_allowed(identity.address, sender, self.policy)
 
-    async def check_recipient(self, identity: Identity, session: int | None, sender: str, recipient: str) -> Decision:
+    def begin(self, sender: str) -> IRelayTransaction | None:
+        """Start a client transaction with the relay (None: no relay is configured)."""
+        return self.relay.transaction(sender) if self.relay is not None else None
+
+    async def check_recipient(
+        self,
+        identity: Identity,
+        session: int | None,
+        sender: str,
+        recipient: str,
+        transaction: IRelayTransaction | None = None,
+    ) -> Decision:
         """Look the recipient up, apply the policy and ask the relay; return the decision.
+
+        With ``transaction`` (from :meth:`begin`) the relay is asked within it, so the
+        message can later go on that same upstream transaction.
 
         Raises :class:`PolicyRejected` (mandatory, no certificate),
         :class:`SourceUnavailable` (mandatory, a key source was down),
@@ -672,22 +696,17 @@ class OutboundPipeline:
         verdict: Deferred[Any] | None = None
         if self.verify_recipients:
             # Asked while the key lookup runs: the two round trips overlap.
-            verdict = Deferred.fromCoroutine(self.relay.verify(sender, address))
+            verdict = Deferred.fromCoroutine(self._ask(sender, address, transaction))
         try:
             lookup = await self.key_manager.lookup(address)
             decision = decide(address, lookup, self.policy)
-            log.info(
-                "policy for {user} (session {session}): {trace}; lookup: {outcomes}",
-                user=identity.address,
-                session=session,
-                trace=decision.trace(),
-                outcomes=", ".join(f"{o.source} {o.state.value}" for o in lookup.outcomes) or "no sources",
-            )
+            # The decision trace of an accepted recipient goes into the relay event at the
+            # end (one log line per copy, not one more per recipient); a refusal's, now.
             if decision.action.rejects:
                 emit(
                     log,
                     "relay",
-                    "recipient refused by policy: {recipient} ({action})",
+                    "recipient refused by policy for {user} (session {session}): {trace}",
                     outcome="rejected",
                     recipients=1,
                     user=identity.address,
@@ -695,6 +714,7 @@ class OutboundPipeline:
                     message_id=None,
                     recipient=address,
                     action=decision.action.value,
+                    trace=decision.trace(),
                 )
                 if decision.action is Action.REJECT_TEMPORARY:
                     raise SourceUnavailable(f"encryption to {address} is mandatory: {decision.reason}")
@@ -708,6 +728,16 @@ class OutboundPipeline:
             if not reply.accepted:
                 raise RelayRefused(f"{address}: {reply.text}", code=reply.code, status=reply.status, recipient=address)
         return decision
+
+    async def _ask(self, sender: str, address: str, transaction: IRelayTransaction | None) -> RelayReply:
+        if transaction is not None:
+            return await transaction.add_recipient(address)
+        assert self.relay is not None
+        alone = self.relay.transaction(sender)
+        try:
+            return await alone.add_recipient(address)
+        finally:
+            alone.abort()
 
     def _wire(self, identity: Identity) -> WireIdentity:
         wire = self._wires.get(identity)
@@ -782,12 +812,17 @@ class OutboundPipeline:
                 )
             copies = [RelayCopy(submission.sender, d.recipients, d.message, d.eight_bit) for d in result.deliveries]
             try:
-                outcomes = await self.relay.relay(copies)
+                if submission.transaction is not None:
+                    outcomes = await submission.transaction.send(copies)
+                else:
+                    outcomes = await self.relay.relay(copies)
             except (RelayRefused, TemporaryError) as error:
                 self._failed(submission, result, error)
                 raise
             refused = await self._partial(submission, result, outcomes)
         finally:
+            if submission.transaction is not None:
+                submission.transaction.abort()  # after a send, nothing is left to abort
             remove_spooled([handoff, *(d.message for d in (result.deliveries if result else ()))])
         self._relayed(submission, result, outcomes, time.monotonic() - started)
         return Submitted(
@@ -914,6 +949,7 @@ class OutboundPipeline:
         self, submission: Submission, result: ProtectResult, outcomes: Sequence[RelayOutcome], seconds: float
     ) -> None:
         signed = 0
+        traces = {address_key(d.recipient): d.trace() for d in submission.decisions}
         for delivery, outcome in zip(result.deliveries, outcomes, strict=True):
             if not outcome.accepted:
                 continue
@@ -921,13 +957,14 @@ class OutboundPipeline:
             emit(
                 log,
                 "relay",
-                "relayed {message_id} from {user}: {outcome} to {recipients} recipients",
+                "relayed {message_id} from {user}: {outcome} to {recipients} recipients [{trace}]",
                 outcome=delivery.kind,
                 recipients=len(delivery.recipients),
                 user=submission.identity.address,
                 session=submission.session,
                 message_id=result.message_id,
                 seconds=seconds,
+                trace="; ".join(traces.get(address_key(r), r) for r in delivery.recipients),
             )
         if signed:
             emit(

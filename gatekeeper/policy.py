@@ -123,10 +123,12 @@ class Decision:
     reason: str
     certificates: tuple[x509.Certificate, ...] = ()
     source: str | None = None
+    lookup: str = ""
 
     def trace(self) -> str:
-        """One line for the log: the decision, the rule and the lookup."""
-        return f"{self.recipient}: {self.action.value} ({self.reason}; rule {self.rule.source})"
+        """One line for the log: the decision, the rule and what each key source said."""
+        asked = f"; asked {self.lookup}" if self.lookup else ""
+        return f"{self.recipient}: {self.action.value} ({self.reason}; rule {self.rule.source}{asked})"
 
 
 def rule_for(recipient: str, config: PolicyConfig) -> Rule:
@@ -196,6 +198,7 @@ def decide(recipient: str, lookup: LookupResult, config: PolicyConfig) -> Decisi
         reason=explain(lookup),
         certificates=tuple(lookup.certificates) if action.encrypts else (),
         source=lookup.source,
+        lookup=", ".join(f"{o.source} {o.state.value}" for o in lookup.outcomes),
     )
 
 

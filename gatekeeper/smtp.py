@@ -59,6 +59,7 @@ from gatekeeper.errors import (
     TemporaryError,
     UpstreamUnavailable,
 )
+from gatekeeper.interfaces import IRelayTransaction
 from gatekeeper.keys.identity import Identity
 from gatekeeper.outbound import OutboundPipeline, Submission, Submitted, received_header, spool_file
 from gatekeeper.policy import Decision, sender_allowed
@@ -292,6 +293,7 @@ class SubmissionServer(smtp.ESMTP):
         if self._submitting is not None:
             submitting, self._submitting = self._submitting, None
             submitting.cancel()
+        self._reset_delivery()
         super().connectionLost(reason)
         if self.connections is not None:
             self.connections.remove(self)
@@ -314,6 +316,7 @@ class SubmissionServer(smtp.ESMTP):
 
     def do_EHLO(self, rest: bytes) -> None:
         """EHLO (its reply carries no enhanced status code); a new EHLO ends any transaction."""
+        self._reset_delivery()
         self._eight_bit = False
         self._plain_reply = True
         try:
@@ -323,6 +326,7 @@ class SubmissionServer(smtp.ESMTP):
 
     def do_HELO(self, rest: bytes) -> None:
         """HELO, as EHLO without extensions."""
+        self._reset_delivery()
         self._eight_bit = False
         self._plain_reply = True
         try:
@@ -338,8 +342,13 @@ class SubmissionServer(smtp.ESMTP):
         """VRFY is answered without looking (RFC 5321 3.5.3)."""
         self.sendCode(252, b"2.5.0 Cannot VRFY user, but will accept the message and attempt delivery")
 
+    def _reset_delivery(self) -> None:
+        if isinstance(self.delivery, SubmissionDelivery):
+            self.delivery.reset()
+
     def do_RSET(self, rest: bytes) -> None:
         """Forget the transaction."""
+        self._reset_delivery()
         self._eight_bit = False
         self._from = None
         self._to = []
@@ -615,6 +624,14 @@ class SubmissionDelivery:
         self.identity = identity
         self.session = session
         self.pipeline = pipeline
+        self.transaction: IRelayTransaction | None = None
+        self.sender = ""
+
+    def reset(self) -> None:
+        """The client's transaction ended without a message (RSET, a new MAIL, gone): end ours."""
+        transaction, self.transaction = self.transaction, None
+        if transaction is not None:
+            transaction.abort()
 
     def receivedHeader(self, helo: tuple[bytes, bytes], origin: smtp.Address, recipients: list[smtp.User]) -> None:
         """Not used: the adapter adds the ``Received:`` field to each relayed copy."""
@@ -629,6 +646,10 @@ class SubmissionDelivery:
             allowed = sender_allowed(self.identity.address, sender, PolicyConfig())
         if not allowed:
             raise smtp.SMTPBadSender(origin, 553, "5.7.1 Sender address does not belong to the logged-in user")
+        self.reset()
+        self.sender = sender
+        if self.pipeline is not None:
+            self.transaction = self.pipeline.begin(sender)
         return origin
 
     def validateTo(self, user: smtp.User) -> Deferred[Callable[[], smtp.IMessage]]:
@@ -641,7 +662,7 @@ class SubmissionDelivery:
             raise smtp.SMTPServerError(451, "4.3.2 Relaying is not available, try again later")
         try:
             decision = await self.pipeline.check_recipient(
-                self.identity, self.session.session_id, str(user.orig), address
+                self.identity, self.session.session_id, str(user.orig), address, self.transaction
             )
         except Exception as error:
             raise _recipient_error(error, address) from None
@@ -658,6 +679,7 @@ class SubmissionDelivery:
         client: str,
     ) -> Deferred[Submitted]:
         """Hand the finished transaction to the pipeline."""
+        transaction, self.transaction = self.transaction, None
         if self.pipeline is None:
             return Deferred.fromCoroutine(_unavailable())
         return Deferred.fromCoroutine(
@@ -671,6 +693,7 @@ class SubmissionDelivery:
                     message=message,
                     received=received,
                     eight_bit_declared=eight_bit,
+                    transaction=transaction,
                 )
             )
         )

@@ -166,8 +166,51 @@ class RelayTests(TestCase):
         self.assertTrue((await relay.verify("alice@example.org", "bob@example.org")).accepted)
         reply = await relay.verify("alice@example.org", "nobody@example.org")
         self.assertEqual((reply.code, reply.status), (550, "5.1.1"))
+        await _settle()
         self.assertEqual(self.server.commands.count(b"RSET"), 2)
         self.assertEqual(self.server.committed, [])
+
+    async def test_a_single_copy_goes_on_the_held_transaction(self) -> None:
+        relay = self.relay()
+        transaction = relay.transaction("alice@example.org")
+        self.assertTrue((await transaction.add_recipient("bob@example.org")).accepted)
+        self.assertTrue((await transaction.add_recipient("carol@example.org")).accepted)
+        copy = RelayCopy("alice@example.org", ("carol@example.org", "bob@example.org"), b"Subject: held\r\n\r\nx\r\n")
+        [outcome] = await transaction.send([copy])
+        self.assertTrue(outcome.accepted)
+        self.assertEqual(
+            [c.split(b":")[0] for c in self.server.commands[1:]], [b"MAIL FROM", b"RCPT TO", b"RCPT TO", b"DATA"]
+        )
+        self.assertEqual(
+            self.server.committed, [("alice@example.org", ("bob@example.org", "carol@example.org"), copy.message)]
+        )
+        self.assertEqual((relay.connections_made, relay.idle), (1, 1))
+
+    async def test_several_copies_reset_the_held_transaction(self) -> None:
+        relay = self.relay()
+        transaction = relay.transaction("alice@example.org")
+        await transaction.add_recipient("bob@example.org")
+        await transaction.add_recipient("grace@example.org")
+        copies = [
+            RelayCopy("alice@example.org", ("bob@example.org",), b"Subject: a\r\n\r\none\r\n"),
+            RelayCopy("alice@example.org", ("grace@example.org",), b"Subject: a\r\n\r\ntwo\r\n"),
+        ]
+        outcomes = await transaction.send(copies)
+        self.assertEqual([o.accepted for o in outcomes], [True, True])
+        self.assertIn(b"RSET", self.server.commands)
+        self.assertEqual(sorted(c[1] for c in self.server.committed), [("bob@example.org",), ("grace@example.org",)])
+
+    async def test_a_held_connection_the_server_closed_is_replaced(self) -> None:
+        relay = self.relay()
+        transaction = relay.transaction("alice@example.org")
+        await transaction.add_recipient("bob@example.org")
+        for connection in list(self.server.connections):
+            connection.transport.loseConnection()  # type: ignore[union-attr]
+        await _settle()
+        [outcome] = await transaction.send([RelayCopy("alice@example.org", ("bob@example.org",), b"x\r\n")])
+        self.assertTrue(outcome.accepted)
+        self.assertEqual(len(self.server.committed), 1)
+        self.assertEqual(relay.connections_made, 2)
 
     async def test_a_refused_recipient_keeps_every_copy_back(self) -> None:
         self.server.refuse_rcpt["grace@example.org"] = b"550 5.1.1 no such user"

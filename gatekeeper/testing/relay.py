@@ -1,7 +1,7 @@
 """An in-memory :class:`~gatekeeper.interfaces.ISubmissionRelay` for tests of the SMTP side.
 
 :class:`MemoryRelay` keeps every copy it is given (:attr:`MemoryRelay.delivered`),
-answers ``verify`` from a table of refusals, and can be told to be down, to refuse a
+answers recipients from a table of refusals, and can be told to be down, to refuse a
 copy when it is committed (the partial case) or to hold calls until the test releases
 them.
 """
@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from gatekeeper.address import address_key
 from gatekeeper.errors import RelayRefused, UpstreamUnavailable
-from gatekeeper.interfaces import ISubmissionRelay, RelayCopy, RelayOutcome, RelayReply
+from gatekeeper.interfaces import IRelayTransaction, ISubmissionRelay, RelayCopy, RelayOutcome, RelayReply
 
 OK = RelayReply(250, "2.0.0 OK")
 
@@ -37,7 +37,7 @@ class DeliveredCopy:
 class MemoryRelay:
     """Accepts everything unless told otherwise; counts calls.
 
-    ``refuse`` maps recipient addresses to the reply ``verify`` and ``relay`` give them;
+    ``refuse`` maps recipient addresses to the reply a transaction and ``relay`` give them;
     ``down`` makes every call fail with :class:`UpstreamUnavailable`; ``refuse_copy``
     maps a recipient to the reply the copy holding it gets when committed (after the
     other copies were accepted); ``hold`` keeps ``relay`` calls waiting in ``held``.
@@ -52,16 +52,16 @@ class MemoryRelay:
         self.delivered: list[DeliveredCopy] = []
         self.verified: list[tuple[str, str]] = []
         self.relay_calls = 0
+        self.transactions = 0
+        self.aborted = 0
 
     def _refusal(self, recipient: str) -> RelayReply | None:
         return self.refuse.get(address_key(recipient))
 
-    async def verify(self, sender: str, recipient: str) -> RelayReply:
-        """The configured refusal for ``recipient``, or 250."""
-        if self.down:
-            raise UpstreamUnavailable("upstream SMTP: connection refused (fake)")
-        self.verified.append((sender, recipient))
-        return self._refusal(recipient) or RelayReply(250, "2.1.5 OK")
+    def transaction(self, sender: str) -> MemoryTransaction:
+        """A transaction whose recipients are checked against ``refuse``."""
+        self.transactions += 1
+        return MemoryTransaction(self, sender)
 
     async def relay(self, copies: Sequence[RelayCopy]) -> tuple[RelayOutcome, ...]:
         """Keep the copies (all or none, as the interface says)."""
@@ -101,3 +101,31 @@ class MemoryRelay:
         held, self.held = self.held, []
         for waiting in held:
             waiting.callback(None)
+
+
+@implementer(IRelayTransaction)
+class MemoryTransaction:
+    """A transaction of :class:`MemoryRelay`: recipients checked one by one, copies relayed."""
+
+    def __init__(self, relay: MemoryRelay, sender: str) -> None:
+        self.relay = relay
+        self.sender = sender
+        self.recipients: list[str] = []
+
+    async def add_recipient(self, recipient: str) -> RelayReply:
+        """The configured refusal for ``recipient``, or 250."""
+        if self.relay.down:
+            raise UpstreamUnavailable("upstream SMTP: connection refused (fake)")
+        self.relay.verified.append((self.sender, recipient))
+        reply = self.relay._refusal(recipient) or RelayReply(250, "2.1.5 OK")
+        if reply.accepted:
+            self.recipients.append(recipient)
+        return reply
+
+    async def send(self, copies: Sequence[RelayCopy]) -> tuple[RelayOutcome, ...]:
+        """Relay the copies."""
+        return await self.relay.relay(copies)
+
+    def abort(self) -> None:
+        """Count the abort."""
+        self.relay.aborted += 1

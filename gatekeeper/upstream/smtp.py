@@ -35,10 +35,11 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gatekeeper.address import address_key
 from gatekeeper.config import UpstreamConfig, UpstreamEndpoint
 from gatekeeper.errors import ConfigError, RelayRefused, UpstreamUnavailable
 from gatekeeper.events import emit
-from gatekeeper.interfaces import ISubmissionRelay, RelayCopy, RelayOutcome, RelayReply
+from gatekeeper.interfaces import IRelayTransaction, ISubmissionRelay, RelayCopy, RelayOutcome, RelayReply
 from gatekeeper.upstream import client_tls_options, connect
 
 log = Logger()
@@ -465,25 +466,17 @@ class SmtpRelay:
             line += b" SIZE=%d" % size
         return line
 
+    def transaction(self, sender: str) -> SmtpTransaction:
+        """Begin a mail transaction from ``sender`` (nothing is sent until the first recipient)."""
+        return SmtpTransaction(self, sender)
+
     async def verify(self, sender: str, recipient: str) -> RelayReply:
         """Ask the server about one recipient (``MAIL``, ``RCPT``, ``RSET``); return its reply."""
-        for attempt in range(2):
-            protocol = await self._acquire()
-            try:
-                mail, rcpt, _ = await protocol.commands(
-                    [self._mail_from(protocol, sender, None, False), b"RCPT TO:" + _address(recipient), b"RSET"]
-                )
-            except UpstreamUnavailable:
-                protocol.abort()
-                if protocol.reused and attempt == 0:
-                    continue  # the server had closed the idle connection: once more on a new one
-                raise
-            except BaseException:
-                protocol.abort()
-                raise
-            self._release(protocol)
-            return rcpt if mail.accepted else mail
-        raise AssertionError("unreachable")
+        transaction = self.transaction(sender)
+        try:
+            return await transaction.add_recipient(recipient)
+        finally:
+            transaction.abort()
 
     async def relay(self, copies: Sequence[RelayCopy]) -> tuple[RelayOutcome, ...]:
         """See :meth:`ISubmissionRelay.relay`."""
@@ -556,9 +549,121 @@ class SmtpRelay:
             return protocol, recipients
         raise AssertionError("unreachable")
 
+    async def _begin(self, sender: str, recipient: str) -> tuple[UpstreamConnection, RelayReply, RelayReply]:
+        """``MAIL`` and a first ``RCPT`` on a connection of the pool (a fresh one if a kept one was stale)."""
+        for attempt in range(2):
+            protocol = await self._acquire()
+            # BODY=8BITMIME may announce 7-bit content too, and the copy is not built yet.
+            mail_from = self._mail_from(protocol, sender, None, True)
+            try:
+                mail, rcpt = await protocol.commands([mail_from, b"RCPT TO:" + _address(recipient)])
+            except UpstreamUnavailable:
+                protocol.abort()
+                if protocol.reused and attempt == 0:
+                    continue  # the server had closed the idle connection: once more on a new one
+                raise
+            except BaseException:
+                protocol.abort()
+                raise
+            return protocol, mail, rcpt
+        raise AssertionError("unreachable")
+
     async def _reset(self, protocol: UpstreamConnection) -> None:
         try:
             await protocol.commands([b"RSET"])
         except UpstreamUnavailable:
             return
         self._release(protocol)
+
+
+@implementer(IRelayTransaction)
+class SmtpTransaction:
+    """One client transaction, held open upstream while the client sends its message.
+
+    Each recipient is put to the server with ``RCPT`` on one connection as the client
+    names it, so a refusal reaches the client at once. When the message becomes a single
+    copy for exactly those recipients (the common case), its data goes on that same
+    transaction: no second ``MAIL``/``RCPT`` round. Otherwise (several copies, a
+    recipient the policy refused, a connection the server closed meanwhile) the held
+    transaction is reset and :meth:`SmtpRelay.relay` sends the copies.
+    """
+
+    def __init__(self, relay: SmtpRelay, sender: str) -> None:
+        self.relay = relay
+        self.sender = sender
+        self.protocol: UpstreamConnection | None = None
+        self.recipients: list[tuple[str, RelayReply]] = []
+
+    async def add_recipient(self, recipient: str) -> RelayReply:
+        """Put ``RCPT TO`` to the server; return its reply (or the reply to ``MAIL`` if that was refused)."""
+        protocol = self.protocol
+        try:
+            if protocol is None or protocol.closed:
+                self._drop()
+                protocol, mail, reply = await self.relay._begin(self.sender, recipient)
+                if not mail.accepted:
+                    Deferred.fromCoroutine(self.relay._reset(protocol))
+                    return mail
+                self.protocol = protocol
+            else:
+                [reply] = await protocol.commands([b"RCPT TO:" + _address(recipient)])
+        except BaseException:
+            self._drop()
+            raise
+        if reply.accepted:
+            self.recipients.append((recipient, reply))
+        return reply
+
+    def _drop(self) -> None:
+        protocol, self.protocol = self.protocol, None
+        self.recipients = []
+        if protocol is not None:
+            protocol.abort()
+
+    def abort(self) -> None:
+        """Forget the transaction upstream (``RSET``; the connection goes back to the pool)."""
+        protocol, self.protocol = self.protocol, None
+        self.recipients = []
+        if protocol is not None and protocol.usable:
+            Deferred.fromCoroutine(self.relay._reset(protocol))
+        elif protocol is not None:
+            protocol.abort()
+
+    def _fits(self, copies: Sequence[RelayCopy]) -> bool:
+        if len(copies) != 1 or self.protocol is None or not self.protocol.usable:
+            return False
+        [copy] = copies
+        held = {address_key(r) for r, _ in self.recipients}
+        return copy.sender == self.sender and {address_key(r) for r in copy.recipients} == held
+
+    async def send(self, copies: Sequence[RelayCopy]) -> tuple[RelayOutcome, ...]:
+        """Deliver the copies (see :meth:`ISubmissionRelay.relay`), on the held transaction when they fit it."""
+        if not self._fits(copies):
+            self.abort()
+            return await self.relay.relay(copies)
+        protocol, self.protocol = self.protocol, None
+        assert protocol is not None
+        recipients, self.recipients = tuple(self.recipients), []
+        [copy] = copies
+        try:
+            [data] = await protocol.commands([b"DATA"])
+            if data.code != 354:
+                Deferred.fromCoroutine(self.relay._reset(protocol))
+                raise RelayRefused(f"DATA: {data}", code=data.code, status=data.status)
+            await protocol.send_data(copy.message)
+        except UpstreamUnavailable:
+            protocol.abort()
+            return await self.relay.relay(copies)  # nothing was committed: once more from the start
+        except (CancelledError, Exception):
+            protocol.abort()
+            raise
+        try:
+            reply = await protocol.finish_data()
+        except UpstreamUnavailable:
+            protocol.abort()
+            reply = _LOST
+        else:
+            self.relay._release(protocol)
+        if not reply.accepted:
+            raise RelayRefused(f"the mail server refused the message: {reply}", code=reply.code, status=reply.status)
+        return (RelayOutcome(recipients, reply),)
