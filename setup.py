@@ -23,7 +23,14 @@ setup(
         "prometheus-client>=0.20",
     ],
     extras_require={
-        "test": ["hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "mypy-zope>=1.0", "types-pyOpenSSL"],
+        "test": [
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "mypy>=1.11",
+            "mypy-zope>=1.0",
+            "types-pyOpenSSL",
+            "playwright>=1.40",  # drives Debian's /usr/bin/chromium; downloads no browser
+        ],
     },
     entry_points={"console_scripts": ["gatekeeper = gatekeeper.admin.cli:main"]},
 )

@@ -905,6 +905,10 @@ class AdminConfig:
     ``interface=``. ``audit_log`` defaults to ``audit.log`` in the key store.
     ``check_user`` with ``check_password_file``/``check_password_env`` is the test
     account ``gatekeeper check`` logs in to upstream with.
+    ``web`` is the administration page (HTTPS with the ``[tls]`` certificate, loopback
+    unless it names an ``interface=``); its administrators are in ``web_admins`` (default
+    ``web-admins.json`` in the key store, written by ``gatekeeper admin add``), and a
+    session ends after ``web_idle_minutes`` without a request.
     """
 
     manhole: str = ""
@@ -914,6 +918,9 @@ class AdminConfig:
     check_user: str | None = None
     check_password_file: Path | None = None
     check_password_env: str | None = None
+    web: str = ""
+    web_admins: Path | None = None
+    web_idle_minutes: int = 15
 
     @classmethod
     def read(cls, section: _Section) -> AdminConfig:
@@ -946,6 +953,9 @@ class AdminConfig:
             check_user=check_user,
             check_password_file=password_file,
             check_password_env=password_env,
+            web=loopback_by_default(section.listener("web", "")),
+            web_admins=section.optional_path("web_admins"),
+            web_idle_minutes=section.integer("web_idle_minutes", 15, minimum=1, maximum=24 * 60),
         )
 
 

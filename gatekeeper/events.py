@@ -10,8 +10,8 @@ or any part of a message body.
 =================  ==========================================================================
 ``gk_event``       fields
 =================  ==========================================================================
-``login``          ``outcome`` (ok, cached, failed, throttled, unavailable), ``protocol``,
-                   ``user``, ``client``
+``login``          ``outcome`` (ok, cached, failed, throttled, unavailable), ``protocol``
+                   (``admin-web`` for the web page's administrators), ``user``, ``client``
 ``session``        ``action`` (open, close), ``protocol``, ``user``, ``client``, ``session``
 ``relay``          ``outcome`` (encrypted, signed_only, plain, rejected, temp_failed,
                    passed_through), ``recipients``, ``user``, ``session``, ``message_id``
@@ -24,9 +24,10 @@ or any part of a message body.
                    recover: ``detail`` (what the recovery found, counted)
 ``key_use``        audit: ``operation`` (unlock, sign, decrypt), ``user``, ``session``,
                    ``message_id``, ``peer``
-``admin``          audit: ``operation`` (add_user, passwd, rotate, delete_user, export,
-                   import_cert, remove_cert, flush, kick, set_upstream_login,
-                   clear_upstream_login), ``target``, ``actor``, ``via``
+``admin``          audit: ``operation`` (add_user, passwd, reset_password, rotate,
+                   delete_user, export, import_cert, remove_cert, flush, kick,
+                   set_upstream_login, clear_upstream_login, add_admin, remove_admin),
+                   ``target``, ``actor``, ``via`` (cli, manhole, web, ...)
 =================  ==========================================================================
 
 ``key_use`` and ``admin`` events carry ``gk_audit=True`` and go to the audit log.

@@ -31,6 +31,7 @@ from gatekeeper import pop3 as pop3_adapter
 from gatekeeper import smtp as smtp_adapter
 from gatekeeper.admin.facade import Gatekeeper
 from gatekeeper.admin.manhole import manhole_factory, prepare_manhole
+from gatekeeper.admin.web import activity_service, tls_factory, web_admin_site
 from gatekeeper.audit import AuditService, audit_log_path
 from gatekeeper.auth import AvatarFactory, GatekeeperRealm, KeyUnlockingChecker, SessionRegistry, UnlockCache
 from gatekeeper.capabilities import FileCapabilityStore
@@ -395,7 +396,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
 
 
 def admin_services(parts: Parts, top: MultiService) -> None:
-    """The administrative side: the audit log, and metrics and the SSH manhole when configured."""
+    """The administrative side: the audit log, and metrics, the web page and the SSH manhole when configured."""
     config = parts.config
     AuditService(audit_log_path(config)).setServiceParent(top)
     gk = Gatekeeper(parts, actor="gateway", via="python")
@@ -405,6 +406,12 @@ def admin_services(parts: Parts, top: MultiService) -> None:
         ListenerService(parts.reactor, config.admin.metrics, metrics_site(metrics), "metrics (HTTP)").setServiceParent(
             top
         )
+    if config.admin.web:
+        site = web_admin_site(parts)
+        activity_service(site).setServiceParent(top)
+        ListenerService(
+            parts.reactor, config.admin.web, tls_factory(site, parts.tls), "web admin (HTTPS)", site.connections
+        ).setServiceParent(top)
     if config.admin.manhole:
         manhole = manhole_factory(gk, config)
         ListenerService(

@@ -53,6 +53,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gatekeeper.admin.upstream_cmd",
     "gatekeeper.admin.check_cmd",
     "gatekeeper.admin.audit_cmd",
+    "gatekeeper.admin.admin_cmd",
 )
 
 MAX_PASSWORD_FILE = 4096

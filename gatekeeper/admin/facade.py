@@ -16,23 +16,44 @@ login reads the new record.
 from __future__ import annotations
 
 import datetime
+import json
+import os
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred
 
 from gatekeeper.address import normalize_address, same_address
 from gatekeeper.admin.check import CheckReport, configured_anchors, run_checks
-from gatekeeper.audit import admin_event
+from gatekeeper.audit import admin_event, audit_log_path
 from gatekeeper.config import Config
 from gatekeeper.interfaces import StoredUser
 from gatekeeper.keys.accounts import current_certificate
+from gatekeeper.keys.keyring import KeyRing, KeyRingEntry, certificate_addresses, fingerprint, normalize_fingerprint
 
 if TYPE_CHECKING:
     from gatekeeper.tap import Parts
 
-__all__ = ["Deleted", "Flushed", "Gatekeeper", "LookupTrace", "SessionInfo", "Stats", "UserInfo", "user_info"]
+__all__ = [
+    "AuditPage",
+    "AuditRecord",
+    "CertificateInfo",
+    "Deleted",
+    "Flushed",
+    "Gatekeeper",
+    "LookupTrace",
+    "PasswordReset",
+    "SessionInfo",
+    "Stats",
+    "UserInfo",
+    "UserPage",
+    "user_info",
+]
 
 # -- what the methods return -------------------------------------------------------------
 
@@ -61,6 +82,77 @@ def user_info(user: StoredUser) -> UserInfo:
         created=user.created,
         last_login=user.last_login,
     )
+
+
+@attrs.frozen
+class UserPage:
+    """One page of users matching a search: ``total`` matches, these from ``offset`` on."""
+
+    users: tuple[UserInfo, ...]
+    total: int
+    offset: int
+    limit: int
+
+
+@attrs.frozen
+class PasswordReset:
+    """A changed password: the user, and whether a new key pair replaced the old keys.
+
+    ``reissued`` is False when the old password re-encrypted every key (nothing else
+    changed) and True when, without it, the old keys were deleted and their
+    certificates revoked (:meth:`~gatekeeper.keys.accounts.Accounts.reissue`).
+    """
+
+    user: UserInfo
+    reissued: bool
+
+
+@attrs.frozen
+class CertificateInfo:
+    """A certificate of the key ring as the admin pages show it (no key material)."""
+
+    fingerprint: str
+    addresses: tuple[str, ...]
+    subject: str
+    issuer: str
+    not_after: datetime.datetime
+    origin: str
+    added: datetime.datetime | None
+
+    @classmethod
+    def of(cls, certificate: x509.Certificate, entry: KeyRingEntry | None = None) -> CertificateInfo:
+        """Summarise a certificate (and its key ring entry, when there is one)."""
+        return cls(
+            fingerprint=fingerprint(certificate),
+            addresses=certificate_addresses(certificate),
+            subject=certificate.subject.rfc4514_string(),
+            issuer=certificate.issuer.rfc4514_string(),
+            not_after=certificate.not_valid_after_utc,
+            origin=entry.origin if entry is not None else "imported",
+            added=entry.added if entry is not None else None,
+        )
+
+
+@attrs.frozen
+class AuditRecord:
+    """One line of the audit log: its fields (``seq``, ``time``, ``event``, ``operation``, ...)."""
+
+    fields: dict[str, Any]
+
+
+@attrs.frozen
+class AuditPage:
+    """Audit records matching a filter, newest first, from the ``offset``-th match on.
+
+    ``more`` tells whether older matches follow; ``scanned`` counts the lines read and
+    ``truncated`` says the search stopped at its limit before the start of the log.
+    """
+
+    records: tuple[AuditRecord, ...]
+    offset: int
+    more: bool
+    scanned: int
+    truncated: bool
 
 
 @attrs.frozen
@@ -149,6 +241,150 @@ def rotate_job(config: Config, address: str, password: str | None) -> UserInfo:
     return user_info(_accounts(config).rotate(address, password))
 
 
+# Worker processes keep the sorted address list while the users directory is unchanged:
+# paging through 10,000 users then reads 50 records a page, not 10,000.
+_address_index: dict[str, tuple[int, list[str]]] = {}
+
+
+def _addresses(config: Config) -> list[str]:
+    accounts = _accounts(config)
+    root = str(accounts.store.users_root)
+    stamp = os.stat(root).st_mtime_ns
+    cached = _address_index.get(root)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, list(accounts.store.list_users()))
+        _address_index[root] = cached
+    return cached[1]
+
+
+def users_page_job(config: Config, query: str, offset: int, limit: int) -> UserPage:
+    """The users whose address contains ``query`` (case-insensitive), one page (in a worker)."""
+    wanted = query.strip().casefold()
+    everyone = _addresses(config)
+    matching = [a for a in everyone if wanted in a.casefold()] if wanted else everyone
+    offset = max(0, min(offset, max(0, len(matching) - 1)))
+    accounts = _accounts(config)
+    page = []
+    for address in matching[offset : offset + limit]:
+        user = accounts.store.get_user(address)
+        if user is not None:  # deleted since the listing
+            page.append(user_info(user))
+    return UserPage(tuple(page), len(matching), offset, limit)
+
+
+def user_job(config: Config, address: str) -> UserInfo:
+    """One user, summarised (in a worker)."""
+    return user_info(_accounts(config).get(address))
+
+
+def reset_password_job(config: Config, address: str, new_password: str, old_password: str | None) -> PasswordReset:
+    """Change a password with the old one (re-encrypting every key), else reissue (in a worker)."""
+    accounts = _accounts(config)
+    if old_password is not None:
+        return PasswordReset(user_info(accounts.change_password(address, old_password, new_password)), False)
+    return PasswordReset(user_info(accounts.reissue(address, new_password)), True)
+
+
+def export_job(config: Config, address: str, password: str, export_password: str, legacy: bool) -> bytes:
+    """The user's current key and certificate as PKCS#12 (in a worker: the KDFs)."""
+    return bytes(_accounts(config).export(address, password, export_password, legacy=legacy))
+
+
+def certificate_job(config: Config, address: str) -> tuple[str, bytes]:
+    """The user's current certificate in PEM, with the user's address (in a worker)."""
+    user = _accounts(config).get(address)
+    return user.address, current_certificate(user).public_bytes(serialization.Encoding.PEM)
+
+
+def keyring_job(root: Path) -> list[CertificateInfo]:
+    """Every certificate of the key ring, oldest first (in a worker: parses every file)."""
+    return [CertificateInfo.of(entry.certificate, entry) for entry in KeyRing(root).entries()]
+
+
+def import_job(root: Path, data: bytes) -> list[CertificateInfo]:
+    """Import PEM, DER or PKCS#7 certificates into the key ring (in a worker); return them."""
+    keyring = KeyRing(root)
+    return [CertificateInfo.of(c, keyring.entry(fingerprint(c))) for c in keyring.import_certificates(data)]
+
+
+def remove_job(root: Path, fingerprint_hex: str) -> CertificateInfo | None:
+    """Remove a certificate from the key ring by fingerprint; return what was removed (in a worker)."""
+    keyring = KeyRing(root)
+    entry = keyring.entry(fingerprint_hex)
+    if entry is None or not keyring.remove(fingerprint_hex):
+        return None
+    return CertificateInfo.of(entry.certificate, entry)
+
+
+AUDIT_SCAN_LIMIT = 200_000  # lines read per search, newest first
+_AUDIT_TEXT_FIELDS = ("operation", "user", "target", "actor", "via", "message_id", "peer", "protocol")
+
+
+def audit_job(
+    path: Path, query: str, event: str, operation: str, offset: int, limit: int, scan_limit: int = AUDIT_SCAN_LIMIT
+) -> AuditPage:
+    """Audit records matching the filters, newest first (in a worker: reads the file backwards).
+
+    ``query`` matches any text field case-insensitively; ``event`` and ``operation``
+    match exactly (empty: any). At most ``scan_limit`` lines are read per search.
+    """
+    wanted = query.strip().casefold()
+    found: list[AuditRecord] = []
+    matched = scanned = 0
+    more = truncated = False
+    for raw in _reverse_lines(path):
+        if scanned >= scan_limit:
+            truncated = True
+            break
+        scanned += 1
+        try:
+            fields = json.loads(raw)
+            if not isinstance(fields, dict):
+                raise ValueError(raw[:20])
+        except ValueError:
+            fields = {"event": "(unreadable)", "target": "a damaged line: `gatekeeper audit verify` says more"}
+        if event and fields.get("event") != event:
+            continue
+        if operation and fields.get("operation") != operation:
+            continue
+        if wanted and not any(wanted in str(fields.get(name, "")).casefold() for name in _AUDIT_TEXT_FIELDS):
+            continue
+        matched += 1
+        if matched <= offset:
+            continue
+        if len(found) == limit:
+            more = True
+            break
+        found.append(AuditRecord(fields))
+    return AuditPage(tuple(found), offset, more, scanned, truncated)
+
+
+def _reverse_lines(path: Path, block: int = 1 << 16) -> Iterator[bytes]:
+    """The file's complete lines, last first (a last line still being written is left out)."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        position = handle.seek(0, os.SEEK_END)
+        rest = b""
+        skip_last = True  # what follows the file's last newline is empty or incomplete
+        while position > 0:
+            step = min(block, position)
+            position -= step
+            handle.seek(position)
+            parts = (handle.read(step) + rest).split(b"\n")
+            rest = parts.pop(0)  # may continue in the block before
+            if skip_last and parts:
+                parts.pop()
+                skip_last = False
+            for line in reversed(parts):
+                if line:
+                    yield line
+        if rest and not skip_last:
+            yield rest
+
+
 def delete_user_job(config: Config, address: str) -> str:
     """Delete a user and revoke their certificates (in a worker); return the normalised address."""
     accounts = _accounts(config)
@@ -166,16 +402,29 @@ class Gatekeeper:
     Users and keys:
       users()                       every user: address, current key, certificate expiry,
                                     number of keys and pending rotations, last login (Deferred)
+      users_page(query, offset, limit)
+                                    one page of the users whose address contains query (Deferred)
+      user(address)                 one user (Deferred)
       add_user(address, password)   create a user with a new key pair and certificate (Deferred)
       rotate(address, password=None)
                                     a new key pair; without the password it is completed at
                                     the user's next login (Deferred)
       delete_user(address)          revoke every certificate, delete the keys, close the
                                     user's sessions (Deferred)
+      reset_password(address, new_password, old_password=None)
+                                    with the old password: every key re-encrypted; without it:
+                                    a new key pair, the old keys deleted and revoked (Deferred)
+      export_pkcs12(address, password, export_password, legacy=False)
+                                    the current key as PKCS#12 bytes (Deferred)
+      certificate(address)          (address, the current certificate in PEM) (Deferred)
 
     Certificates of others:
       lookup(address, cached=False) ask the key sources now and show the trace (Deferred)
       flush(address=None)           forget cached lookups and unlocked keys (one user or all)
+      certificates()                the key ring: imported and harvested certificates (Deferred)
+      import_certificates(data)     import PEM, DER or PKCS#7 bytes into the key ring (Deferred)
+      remove_certificate(fingerprint)
+                                    remove one by SHA-256 fingerprint; None if absent (Deferred)
 
     Sessions and health:
       sessions()                    who is logged in where, since when
@@ -183,6 +432,10 @@ class Gatekeeper:
       check()                       upstream, directories, DNS, CRLs: reachable, TLS,
                                     login, round trip (Deferred; its repr is the table)
       stats()                       sessions per protocol, caches, worker queue
+
+    Audit:
+      audit_log(query, event, operation, offset, limit)
+                                    the audit log, newest first, filtered (Deferred)
 
     Every change is written to the audit log with who made it (``actor``) and through
     which front end (``via``); :meth:`acting_as` gives a view for another actor.
@@ -247,6 +500,57 @@ class Gatekeeper:
         self._audit("delete_user", deleted)
         return Deleted(deleted, closed)
 
+    def users_page(self, query: str = "", offset: int = 0, limit: int = 50) -> Deferred[UserPage]:
+        """The users whose address contains ``query`` (any case), sorted, ``limit`` from ``offset`` on."""
+        limit = max(1, min(int(limit), 1000))
+        return Deferred.fromCoroutine(
+            self._parts.message_workers.run(users_page_job, self._parts.config, query, max(0, int(offset)), limit)
+        )
+
+    def user(self, address: str) -> Deferred[UserInfo]:
+        """One user, summarised (:class:`~gatekeeper.errors.UnknownUser` if there is none)."""
+        return Deferred.fromCoroutine(self._parts.message_workers.run(user_job, self._parts.config, address))
+
+    def reset_password(
+        self, address: str, new_password: str, old_password: str | None = None
+    ) -> Deferred[PasswordReset]:
+        """Give ``address`` a new password.
+
+        With ``old_password`` every key is re-encrypted under the new one (audited
+        ``passwd``). Without it the keys cannot be re-encrypted: a new key pair is
+        issued under the new password, the old keys are deleted and their certificates
+        revoked, so mail encrypted to them can no longer be read (audited ``reset_password``).
+        """
+        return Deferred.fromCoroutine(self._reset_password(address, new_password, old_password))
+
+    async def _reset_password(self, address: str, new_password: str, old_password: str | None) -> PasswordReset:
+        normalized = normalize_address(address)
+        reset: PasswordReset = await self._parts.message_workers.run(
+            reset_password_job, self._parts.config, normalized, new_password, old_password
+        )
+        self._changed(reset.user.address)
+        self._audit("reset_password" if reset.reissued else "passwd", reset.user.address)
+        return reset
+
+    def export_pkcs12(self, address: str, password: str, export_password: str, legacy: bool = False) -> Deferred[bytes]:
+        """The current key, certificate and chain of ``address`` as PKCS#12 protected by ``export_password``.
+
+        ``password`` (the user's) must decrypt the key. Audited (``export``).
+        """
+        return Deferred.fromCoroutine(self._export(address, password, export_password, legacy))
+
+    async def _export(self, address: str, password: str, export_password: str, legacy: bool) -> bytes:
+        normalized = normalize_address(address)
+        data: bytes = await self._parts.message_workers.run(
+            export_job, self._parts.config, normalized, password, export_password, legacy
+        )
+        self._audit("export", normalized)
+        return data
+
+    def certificate(self, address: str) -> Deferred[tuple[str, bytes]]:
+        """The user's address as stored and current certificate in PEM (public: not audited)."""
+        return Deferred.fromCoroutine(self._parts.message_workers.run(certificate_job, self._parts.config, address))
+
     def _changed(self, address: str) -> None:
         """A user's keys or certificate changed: forget what was cached about them."""
         self._parts.unlock_cache.drop(address)
@@ -277,6 +581,44 @@ class Gatekeeper:
         cache.drop(target)
         self._audit("flush", target or "*")
         return Flushed(lookups, before - len(cache))
+
+    def certificates(self) -> Deferred[list[CertificateInfo]]:
+        """Every certificate of the key ring (imported or harvested), oldest first."""
+        return Deferred.fromCoroutine(self._parts.message_workers.run(keyring_job, self._parts.keyring.root))
+
+    def import_certificates(self, data: bytes) -> Deferred[list[CertificateInfo]]:
+        """Import PEM, DER or PKCS#7 certs-only ``data`` into the key ring; each one is audited.
+
+        Raises :class:`~gatekeeper.keys.keyring.CertificateFormatError` (saying what was
+        expected) when nothing in ``data`` is a certificate. Cached lookups of the
+        addresses they name are forgotten.
+        """
+        return Deferred.fromCoroutine(self._import(data))
+
+    async def _import(self, data: bytes) -> list[CertificateInfo]:
+        imported: list[CertificateInfo] = await self._parts.message_workers.run(
+            import_job, self._parts.keyring.root, bytes(data)
+        )
+        for info in imported:
+            for address in info.addresses:
+                self._parts.key_manager.flush(address)
+            self._audit("import_cert", info.fingerprint)
+        return imported
+
+    def remove_certificate(self, fingerprint_hex: str) -> Deferred[CertificateInfo | None]:
+        """Remove the key ring's certificate with this SHA-256 fingerprint (audited); None if absent."""
+        return Deferred.fromCoroutine(self._remove_certificate(fingerprint_hex))
+
+    async def _remove_certificate(self, fingerprint_hex: str) -> CertificateInfo | None:
+        wanted = normalize_fingerprint(fingerprint_hex)
+        removed: CertificateInfo | None = await self._parts.message_workers.run(
+            remove_job, self._parts.keyring.root, wanted
+        )
+        if removed is not None:
+            for address in removed.addresses:
+                self._parts.key_manager.flush(address)
+            self._audit("remove_cert", removed.fingerprint)
+        return removed
 
     # -- sessions and health
 
@@ -325,6 +667,16 @@ class Gatekeeper:
         )
 
     # -- audit
+
+    def audit_log(
+        self, query: str = "", event: str = "", operation: str = "", offset: int = 0, limit: int = 100
+    ) -> Deferred[AuditPage]:
+        """The audit log, newest first: records whose text fields contain ``query``, of ``event``/``operation``."""
+        path = audit_log_path(self._parts.config)
+        limit = max(1, min(int(limit), 1000))
+        return Deferred.fromCoroutine(
+            self._parts.message_workers.run(audit_job, path, query, event, operation, max(0, int(offset)), limit)
+        )
 
     def _audit(self, operation: str, target: str) -> None:
         admin_event(operation, target, actor=self.actor, via=self.via)

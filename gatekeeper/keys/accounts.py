@@ -399,6 +399,31 @@ class Accounts:
         updated = attrs.evolve(base, keys=tuple(resealed))
         return self._commit(user, updated)
 
+    def reissue(self, address: str, password: str) -> StoredUser:
+        """Reset a forgotten password: one new key pair sealed under ``password``, the old keys gone.
+
+        Without the old password the old private keys cannot be re-encrypted, so they are
+        deleted and their certificates revoked; mail encrypted to them can no longer be
+        decrypted through the gateway. The new certificate is published.
+        """
+        check_new_password(password)
+        user = self.get(address)
+        parameters = pkcs12.new_kdf_parameters(self.keys_config.kdf_iterations)
+        derived_key = pkcs12.derive_key(password, parameters.salt, parameters.iterations)
+        stored = self._new_key(user.address, self._now(), derived_key, parameters)
+        try:
+            committed = self._commit(user, attrs.evolve(user, keys=(stored,), pending=()))
+        except (KeyStoreError, UnknownUser):
+            self.ca.revoke([stored.certificate])
+            raise
+        old = [key.certificate for key in user.keys] + [key.certificate for key in user.pending]
+        ours = [c for c in old if c.issuer == self.ca.certificate.subject]
+        if ours:
+            self.ca.revoke(ours)
+        if self.publisher is not None:
+            self.publisher.publish(committed.address, stored.certificate)
+        return committed
+
     def rotate(self, address: str, password: str | None = None) -> StoredUser:
         """Give the user a new key pair and certificate; old private keys stay, for old mail.
 
