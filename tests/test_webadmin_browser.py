@@ -11,18 +11,23 @@ none). Downloads are checked with ``openssl``; a screenshot of each page is save
 from __future__ import annotations
 
 import functools
+import smtplib
 import subprocess
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from gatekeeper.keys.keyring import KeyRing
 from gatekeeper.testing.gateway import GatewayHarness
 from gatekeeper.testing.pki import TestPKI
+from tests.fixtures.mailstack import MailStack
+from tests.fixtures.slapd import READER_DN, SUFFIX, Slapd
 from tests.webadmin_support import (
     ADMIN,
     ADMIN_PASSWORD,
@@ -312,3 +317,107 @@ class BrowserTests(TestCase):
         self.assertEqual(len(seen["rows"]), 1, seen["rows"])
         cells = seen["rows"][0].split("\t")
         self.assertEqual(cells[2:8], ["admin", "add_user", "", address, ADMIN, "web"])
+
+
+STACK_PASSWORD = "alicepw"  # the mail stack's own test user
+
+
+class StatusAgainstTheStackTests(TestCase):
+    """The status page against Dovecot, Postfix and slapd: every check green, a live session, a relayed message."""
+
+    timeout = 180
+
+    def setUp(self) -> None:
+        self.stack = MailStack.for_class(self)
+        self.slapd = Slapd()
+        self.addCleanup(self.slapd.close)
+        self.slapd.start()
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        password_file = directory / "alice.password"
+        password_file.write_text(STACK_PASSWORD + "\n")
+        stack = self.stack
+        extra = f"""
+[upstream]
+smtp = "starttls:127.0.0.1:{stack.submission_port}"
+pop3 = "starttls:127.0.0.1:{stack.pop3_port}"
+imap = "tls:127.0.0.1:{stack.imaps_port}"
+ca_file = "{stack.ca_file}"
+timeout_seconds = 10
+smtp_user = "{ALICE}"
+smtp_password_file = "{password_file}"
+[directory.ldap]
+url = "{self.slapd.ldaps_url}"
+base_dn = "{SUFFIX}"
+bind_dn = "{READER_DN}"
+bind_password_file = "{self.slapd.config().bind_password_file}"
+ca_file = "{self.slapd.ca_file}"
+{WEB_CONFIG}check_user = "{ALICE}"
+check_password_file = "{password_file}"
+"""
+        self.harness = GatewayHarness(directory / "gateway", extra_config=extra)
+        add_admin(self.harness)
+        self.harness.add_user(ALICE, ALICE_PASSWORD)
+        self.harness.start(reactor)
+        self.addCleanup(self.harness.stop)
+        self.base = f"https://127.0.0.1:{web_port(self.harness)}"
+        self.browser = browser_for(spki_pin(self.harness.config.tls.certificate))
+
+    def send_and_stay(self) -> smtplib.SMTP:
+        """Log in to the gateway's SMTP proxy, send one message, and keep the session open."""
+        client = smtplib.SMTP("127.0.0.1", self.harness.port("smtp", "starttls"), timeout=30)
+        client.starttls(context=self.harness.client_context())
+        client.login(ALICE, ALICE_PASSWORD)
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = ALICE, "bob@example.org", "status page test"
+        message.set_content("one message for the chart\n")
+        client.send_message(message)
+        return client
+
+    async def test_status_page_all_green(self) -> None:
+        client = await deferToThread(self.send_and_stay)
+        self.addCleanup(deferToThread, client.quit)
+
+        def steps(browser: Any) -> dict[str, Any]:
+            page = new_page(browser)
+            login(page, self.base)
+            page.click("nav >> text=Status")
+            seen: dict[str, Any] = {"before": page.locator("main").inner_text()}
+            page.click("button:has-text('Check now')")
+            seen["verdict"] = flash(page)
+            seen["rows"] = [
+                {
+                    "class": row.get_attribute("class"),
+                    "cells": row.locator("td").all_inner_texts(),
+                }
+                for row in page.locator("#checks tbody tr").all()
+            ]
+            seen["sessions"] = page.locator("#sessions tbody tr").all_inner_texts()
+            seen["counters"] = dict(
+                (row.locator("th").inner_text(), row.locator("td").inner_text())
+                for row in page.locator("#counters tr").all()
+            )
+            seen["bars"] = page.locator("#chart svg rect[height]").count()
+            seen["titles"] = page.locator("#chart svg title").all_text_contents()
+            screenshot(page, "status")
+            page.context.close()
+            return seen
+
+        seen = await self.browser.run(steps)
+        self.assertIn("Not checked yet", seen["before"])
+        self.assertIn("OK: all 5 checks passed.", seen["verdict"])
+        names = [row["cells"][0] for row in seen["rows"]]
+        self.assertEqual(sorted(names), ["crl", "ldap", "upstream imap", "upstream pop3", "upstream smtp"])
+        for row in seen["rows"]:
+            self.assertEqual(row["class"], "ok", row)
+            self.assertEqual(row["cells"][6], "ok", row)
+            if row["cells"][0] != "crl":
+                self.assertEqual(row["cells"][2:5], ["ok", "ok", "ok"], row)
+        self.assertEqual(len(seen["sessions"]), 1)
+        self.assertIn(ALICE, seen["sessions"][0])
+        self.assertIn("smtp", seen["sessions"][0])
+        self.assertEqual(seen["counters"]["Messages relayed, last hour"], "1")
+        self.assertEqual(seen["counters"]["Sessions"], "smtp 1")
+        self.assertIn("smtp ok 1", seen["counters"]["Logins, last hour"])
+        latest = seen["titles"][-1]
+        self.assertRegex(latest, r"^0 min ago: 1 (encrypted|signed_only|plain)$")

@@ -2,7 +2,7 @@
 
 :class:`Activity` is a ``twisted.logger`` observer: every ``relay`` event (one per copy
 relayed or refused, see :mod:`gatekeeper.events`) is counted in the bucket of its
-minute by ``outcome``, and ``login`` events by outcome too. Only the last
+minute by ``outcome``, and ``login`` events by protocol and outcome. Only the last
 :data:`WINDOW_MINUTES` minutes are kept: 60 small counters, whatever the traffic.
 
 :func:`relay_chart` draws the relays as stacked bars, one per minute, oldest on the
@@ -59,6 +59,8 @@ class Activity:
             return
         minute = int(self.clock.seconds() // 60)
         outcome = str(event.get("outcome") or "unknown")[:_MAX_OUTCOME]
+        if kind == "login":
+            outcome = f"{str(event.get('protocol') or '?')[:_MAX_OUTCOME]} {outcome}"
         table.setdefault(minute, Counter())[outcome] += 1
         self._forget(table, minute)
 
@@ -80,7 +82,7 @@ class Activity:
         return sum((counts for _, counts in self.relays()), Counter())
 
     def login_totals(self) -> Counter[str]:
-        """Logins per outcome (ok, cached, failed, throttled, ...) over the last hour."""
+        """Logins per "PROTOCOL OUTCOME" (``smtp ok``, ``imap failed``, ``admin-web ok`` ...) over the last hour."""
         return sum((counts for _, counts in self._series(self._logins)), Counter())
 
 
@@ -126,7 +128,7 @@ def relay_chart(series: list[tuple[int, Counter[str]]], *, width: int = 720, hei
     left, right, top, bottom = 44, 8, 10, 58
     plot_width, plot_height = width - left - right, height - top - bottom
     peak = max((sum(counts.values()) for _, counts in series), default=0)
-    ceiling = _nice_ceiling(max(peak, 1))
+    ceiling = _nice_ceiling(max(peak, 2))
     scale = plot_height / ceiling
     extra = sorted({o for _, counts in series for o in counts} - set(RELAY_OUTCOMES))
     outcomes = (*RELAY_OUTCOMES, *extra)
@@ -147,7 +149,7 @@ def relay_chart(series: list[tuple[int, Counter[str]]], *, width: int = 720, hei
         svg(_svg("line", x1=left, x2=left + plot_width, y1=f"{y:.1f}", y2=f"{y:.1f}", stroke="#ddd"))
         svg(
             _svg("text", x=left - 6, y=f"{y + 4:.1f}", text_anchor="end", font_size=11, fill="#555")(
-                str(int(ceiling * fraction))
+                f"{ceiling * fraction:g}"
             )
         )
     slot = plot_width / max(len(series), 1)

@@ -68,7 +68,7 @@ header form{margin-left:auto}
 main{padding:1em 1.5em;max-width:80em}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}
 table{border-collapse:collapse;background:#fff;margin:.5em 0}
-th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
+th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top;overflow-wrap:anywhere}
 th{background:#eceff1}
 tr.ok td.result{background:#c8e6c9;color:#1b5e20;font-weight:bold}
 tr.fail td.result{background:#ffcdd2;color:#b71c1c;font-weight:bold}
