@@ -197,9 +197,7 @@ def login_page(csrf: str, *, hostname: str, message: tuple[str, str] | None = No
     flashes = _flashes([message]) if message else []
     return _document(
         "Log in",
-        _main(class_="login")(
-            tags.h1("Gatekeeper administration"), tags.p(hostname, class_="note"), *flashes, form
-        ),
+        _main(class_="login")(tags.h1("Gatekeeper administration"), tags.p(hostname, class_="note"), *flashes, form),
     )
 
 
