@@ -272,7 +272,7 @@ class Pop3Server(pop3.POP3):
             index = box.index(_number(number))
             self.successResponse(b"%d %s" % (index + 1, box.uid(index)))
             return
-        self.successResponse(b"")
+        self.successResponse(b"unique-id listing follows")
         self._out.writeSequence([b"%d %s\r\n" % (i + 1, box.uid(i)) for i in box.live()])
         self._out.write(b".\r\n")
 
@@ -384,13 +384,14 @@ def _number(argument: bytes) -> int:
 
 def _error_reply(error: BaseException) -> bytes:
     """The ``-ERR`` text for a failure: its RFC 3206 code and a message safe to show."""
+    text = str(error)
+    shown = (text[:1].upper() + text[1:]).encode("utf-8", "replace")
     if isinstance(error, NoSuchMessage | MessageDeleted):
-        return str(error).capitalize().encode()
+        return shown
     if isinstance(error, UpstreamRefused):
-        text = str(error).capitalize().encode("utf-8", "replace")
-        return b"[%s] %s" % (error.code.encode("ascii", "replace"), text) if error.code else text
+        return b"[%s] %s" % (error.code.encode("ascii", "replace"), shown) if error.code else shown
     if isinstance(error, GatekeeperError) and error.temporary:
-        return b"[SYS/TEMP] " + str(error).capitalize().encode("utf-8", "replace")
+        return b"[SYS/TEMP] " + shown
     return b"[SYS/TEMP] Internal error, try again later"
 
 
