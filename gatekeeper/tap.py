@@ -35,17 +35,21 @@ from gatekeeper.admin.web import activity_service, tls_factory, web_admin_site
 from gatekeeper.audit import AuditService, audit_log_path
 from gatekeeper.auth import AvatarFactory, GatekeeperRealm, KeyUnlockingChecker, SessionRegistry, UnlockCache
 from gatekeeper.capabilities import FileCapabilityStore
-from gatekeeper.config import DEFAULT_CONFIG_PATH, Config, ListenerConfig, load_config
+from gatekeeper.config import DEFAULT_CONFIG_PATH, Config, ListenerConfig, UpstreamConfig, load_config
 from gatekeeper.connections import Connections
 from gatekeeper.errors import GatekeeperError
 from gatekeeper.inbound import Revealer, RevealOptions, TrustSpec
-from gatekeeper.interfaces import ISubmissionRelay
+from gatekeeper.interfaces import IPop3Upstream, ISubmissionRelay, UpstreamLogin
 from gatekeeper.keys.ca import ca_certificate_path, load_tls_private_key
 from gatekeeper.keys.discovery import KeyManager, build_key_manager, keyring_path, make_threadpool
 from gatekeeper.keys.identity import Identity
 from gatekeeper.keys.keyring import KeyRing
 from gatekeeper.keys.store import FileKeyStore
 from gatekeeper.keys.unlocking import identity_from_wire, unlock_from_store
+from gatekeeper.localstore.embedded import EmbeddedStore
+from gatekeeper.localstore.imap import LocalImapStore
+from gatekeeper.localstore.pop3 import LocalPop3Upstream
+from gatekeeper.localstore.relay import LocalRelay
 from gatekeeper.metrics import GatewayMetrics, MetricsService, metrics_site
 from gatekeeper.outbound import OutboundPipeline, handoff_directory
 from gatekeeper.throttle import LoginThrottle
@@ -121,10 +125,10 @@ class PoolService(Service):
         self.pool.start()
 
     def stopService(self) -> Deferred[None] | None:
-        """Stop the pool, waiting for running jobs."""
+        """Stop the pool, waiting for its threads or processes to end."""
         super().stopService()
-        self.pool.stop()
-        return None
+        stopped = self.pool.stop()
+        return stopped if isinstance(stopped, Deferred) else None
 
 
 class StopAction(Service):
@@ -221,6 +225,7 @@ class Parts:
     inbound: Revealer
     upstream_logins: LoginResolver
     relay: ISubmissionRelay | None = None  # where SMTP submissions go (None: nowhere configured)
+    mail_store: EmbeddedStore | None = None  # the embedded mail store (None: proxying to [upstream])
 
     def portal(self, interface: Any, make_avatar: AvatarFactory) -> Portal:
         """A portal for one protocol: the shared checker, that protocol's avatars."""
@@ -283,9 +288,19 @@ def build_parts(prepared: Prepared, reactor: Any, top: MultiService) -> Parts:
         message_workers.run,
         pass_through=config.upstream.pass_through,
     )
-    relay = SmtpRelay.from_config(reactor, config.upstream, config.server.hostname)
-    if relay is not None:
+    relay: ISubmissionRelay | None = SmtpRelay.from_config(reactor, config.upstream, config.server.hostname)
+    if isinstance(relay, SmtpRelay):
         StopAction(relay.close).setServiceParent(top)
+    mail_store = None
+    if config.upstream.embedded:
+        # Gatekeeper is its own mail system: opened at start (its lock file), closed at stop.
+        key_store = prepared.store
+        mail_store = EmbeddedStore.from_config(config, reactor, users=lambda a: key_store.get_user(a) is not None)
+        mail_store.setServiceParent(top)
+        smarthost = smarthost_relay(reactor, config.upstream, config.server.hostname)
+        if smarthost is not None:
+            StopAction(smarthost.close).setServiceParent(top)
+        relay = LocalRelay(mail_store, smarthost)
     return Parts(
         config=config,
         reactor=reactor,
@@ -302,6 +317,7 @@ def build_parts(prepared: Prepared, reactor: Any, top: MultiService) -> Parts:
         inbound=inbound,
         upstream_logins=upstream_logins,
         relay=relay,
+        mail_store=mail_store,
     )
 
 
@@ -336,16 +352,19 @@ def smtp_factory(parts: Parts) -> smtp_adapter.SubmissionFactory:
 
 
 def pop3_factory(parts: Parts) -> pop3_adapter.Pop3Factory:
-    """The POP3 proxy (with no upstream POP3 server configured: empty mailboxes)."""
+    """The POP3 proxy: to the upstream POP3 server, or over the embedded store's INBOXes."""
     upstream = parts.config.upstream
-    maildrops = (
-        NetworkPop3Upstream(parts.reactor, upstream.pop3, ca_file=upstream.ca_file, timeout=upstream.timeout_seconds)
-        if upstream.pop3 is not None
-        else None
-    )
+    maildrops: IPop3Upstream | None = None
+    if upstream.pop3 is not None:
+        maildrops = NetworkPop3Upstream(
+            parts.reactor, upstream.pop3, ca_file=upstream.ca_file, timeout=upstream.timeout_seconds
+        )
+    elif parts.mail_store is not None:
+        maildrops = LocalPop3Upstream(parts.mail_store)
     avatars = pop3_adapter.make_mailbox_avatar(
         maildrops,
-        resolver=parts.upstream_logins,
+        # the embedded store has no logins of its own: the gateway login is the only one
+        resolver=parts.upstream_logins if parts.mail_store is None else None,
         revealer=parts.inbound,
         cache_bytes=parts.config.pop3.cache_bytes,
         parallel=parts.message_workers.processes,
@@ -358,7 +377,7 @@ def pop3_factory(parts: Parts) -> pop3_adapter.Pop3Factory:
 
 
 def imap_factory(parts: Parts) -> imap_adapter.ImapFactory:
-    """The IMAP proxy (with no upstream IMAP server configured: no mailboxes)."""
+    """The IMAP proxy: to the upstream IMAP server, or over the embedded store."""
     config = parts.config
     backend = None
     if config.upstream.imap is not None:
@@ -370,6 +389,17 @@ def imap_factory(parts: Parts) -> imap_adapter.ImapFactory:
             resolve=parts.upstream_logins.resolve,
             workers=parts.message_workers,
         )
+    elif parts.mail_store is not None:
+        sessions = LocalImapStore(parts.mail_store, parts.reactor, render=parts.message_workers.run)
+        backend = imap_adapter.proxy_backend(
+            parts.reactor,
+            config.upstream,
+            config.imap,
+            revealer=parts.inbound,
+            resolve=embedded_login,
+            workers=parts.message_workers,
+            open_store=sessions.open,
+        )
     return imap_adapter.ImapFactory(
         parts.portal(imap4.IAccount, imap_adapter.make_account_avatar(backend)),
         parts.tls,
@@ -377,6 +407,27 @@ def imap_factory(parts: Parts) -> imap_adapter.ImapFactory:
         max_append_size=config.imap.max_append_size,
         on_stop=backend.caches.drop_all if backend is not None else None,
     )
+
+
+def smarthost_relay(reactor: Any, upstream: UpstreamConfig, hostname: str) -> SmtpRelay | None:
+    """The relay to ``[upstream] smarthost`` (the embedded store's way out), with the upstream SMTP settings."""
+    if upstream.smarthost is None:
+        return None
+    return SmtpRelay(
+        reactor,
+        upstream.smarthost,
+        hostname=hostname,
+        ca_file=upstream.ca_file,
+        timeout=upstream.timeout_seconds,
+        user=upstream.smtp_user,
+        password=read_smtp_password(upstream),
+        pool_size=upstream.smtp_connections,
+    )
+
+
+async def embedded_login(identity: Identity, password: str) -> UpstreamLogin:
+    """The embedded store's login for a gateway user: the gateway login itself (no password kept)."""
+    return UpstreamLogin(identity.address, identity.address, "")
 
 
 def build_service(prepared: Prepared, reactor: Any) -> MultiService:

@@ -12,6 +12,7 @@ from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gatekeeper.errors import BadPassword
+from gatekeeper.worker_process import JobFailed
 from gatekeeper.workers import InlineWorkerPool, WorkerCrashed, WorkerPool, WorkersBusy
 
 
@@ -29,6 +30,20 @@ def fail_with_bad_password() -> None:
 
 def die() -> None:
     os._exit(3)
+
+
+class Unpicklable(Exception):
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        raise TypeError("cannot pickle this")
+
+
+def fail_unpicklably() -> None:
+    raise Unpicklable("the reason")
+
+
+def print_something() -> str:
+    print("this must not reach the answer pipe")
+    return "answer"
 
 
 def hold_the_gil(seconds: float) -> int:
@@ -62,6 +77,28 @@ class WorkerPoolTests(TestCase):
     async def test_exceptions_come_back_unchanged(self) -> None:
         with self.assertRaises(BadPassword):
             await self.pool.run(fail_with_bad_password)
+
+    async def test_an_exception_that_does_not_pickle_comes_back_as_its_text(self) -> None:
+        with self.assertRaises(JobFailed) as caught:
+            await self.pool.run(fail_unpicklably)
+        self.assertEqual(str(caught.exception), "Unpicklable: the reason")
+        self.assertEqual(await self.pool.run(echo, b"still works"), b"still works")
+
+    async def test_printing_in_a_job_does_not_break_the_pipe(self) -> None:
+        self.assertEqual(await self.pool.run(print_something), "answer")
+
+    async def test_stop_fails_queued_jobs_and_waits_for_the_processes(self) -> None:
+        await self.pool.run(worker_pid)
+        running = [self.run_job(hold_the_gil, 0.2) for _ in range(3)]
+        await self.pool.stop()
+        results = []
+        for job in running:
+            try:
+                results.append(await job)
+            except WorkerCrashed:
+                results.append("crashed")
+        self.assertEqual(results.count("crashed"), 1)  # two ran on the two workers, one waited
+        self.assertEqual(self.pool.pending, 0)
 
     async def test_a_crashed_worker_is_a_temporary_error_and_the_pool_recovers(self) -> None:
         with self.assertRaises(WorkerCrashed) as caught:

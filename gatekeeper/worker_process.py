@@ -1,0 +1,103 @@
+"""The program a worker process runs: read a job, run it, write the answer, repeat.
+
+Started by :class:`gatekeeper.workers.WorkerPool` as ``python -m gatekeeper.worker_process
+[module:initializer]``. Jobs arrive on stdin and answers leave on stdout as frames: a
+4-byte big-endian length, then a pickle. The pool is the only writer and reader of these
+pipes, and both ends are our own code, so pickle is the right format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import os
+import pickle
+import struct
+import sys
+from typing import Any
+
+HEADER = struct.Struct(">I")
+PIPE_SIZE = 1024 * 1024
+F_SETPIPE_SZ = 1031  # Linux: a bigger pipe means fewer wake-ups per 64 KB message
+
+
+def enlarge_pipe(fd: int) -> None:
+    """Ask Linux for a 1 MB pipe buffer (ignored where not allowed)."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+
+
+def read_exactly(fd: int, size: int) -> bytes | None:
+    """Read ``size`` bytes, or None at end of input."""
+    chunks = []
+    while size:
+        chunk = os.read(fd, min(size, PIPE_SIZE))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte (the pipe may take it in pieces)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class JobFailed(Exception):
+    """An exception that could not be sent back as itself (it did not pickle)."""
+
+
+def answer(job_id: int, ok: bool, value: Any) -> bytes:
+    """Frame one answer; an exception that does not pickle is replaced by its type and text."""
+    try:
+        payload = pickle.dumps((job_id, ok, value), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        replacement = JobFailed(f"{type(value).__name__}: {value}") if not ok else JobFailed("unpicklable result")
+        payload = pickle.dumps((job_id, False, replacement), protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(payload)) + payload
+
+
+def serve(read_fd: int = 0, write_fd: int = 1) -> None:
+    """Run jobs until the pool closes our stdin."""
+    enlarge_pipe(read_fd)
+    enlarge_pipe(write_fd)
+    while True:
+        header = read_exactly(read_fd, HEADER.size)
+        if header is None:
+            return
+        body = read_exactly(read_fd, HEADER.unpack(header)[0])
+        if body is None:
+            return
+        job_id, function, args, kwargs = pickle.loads(body)  # noqa: S301 - frames from our own pool
+        try:
+            result = function(*args, **kwargs)
+        except Exception as error:
+            frame = answer(job_id, False, error)
+        else:
+            frame = answer(job_id, True, result)
+        del body, args, kwargs  # the job's bytes (messages, keys) go as soon as possible
+        write_all(write_fd, frame)
+
+
+def main() -> None:
+    """Entry point: run the optional initializer, then serve jobs."""
+    # Our stdout is the answer pipe: anything a job prints must go elsewhere.
+    answers = os.dup(1)
+    os.dup2(2, 1)
+    if len(sys.argv) > 1:
+        module, _, name = sys.argv[1].partition(":")
+        getattr(importlib.import_module(module), name)()
+    serve(0, answers)
+
+
+if __name__ == "__main__":
+    # Run the module under its real name, so that what it pickles (JobFailed) can be
+    # found again by that name in the pool's process.
+    from gatekeeper import worker_process
+
+    worker_process.main()
