@@ -424,7 +424,9 @@ class UpstreamConfig:
     the password from ``smtp_password_file`` or ``smtp_password_env``; up to
     ``smtp_connections`` idle connections are kept for reuse. With ``verify_recipients``
     every ``RCPT TO`` is first asked of the upstream server, so a recipient it refuses
-    is refused to the client at once.
+    is refused to the client at once. With the embedded store, ``smarthost`` is where
+    mail for other domains is relayed (the same SMTP settings apply to it); without it,
+    such recipients are refused.
     """
 
     smtp: UpstreamEndpoint | None = None
@@ -439,6 +441,7 @@ class UpstreamConfig:
     smtp_connections: int = 10
     verify_recipients: bool = True
     store: LocalStoreConfig = LocalStoreConfig()
+    smarthost: UpstreamEndpoint | None = None
 
     @property
     def embedded(self) -> bool:
@@ -450,6 +453,7 @@ class UpstreamConfig:
         """Read this section, naming the setting in any error."""
         mode = section.choice("mode", "proxy", ("proxy", "embedded"))
         smtp = section.upstream("smtp", "starttls:mail.example.org:587")
+        smarthost = section.upstream("smarthost", "starttls:relay.example.net:587")
         pop3 = section.upstream("pop3", "tls:mail.example.org:995")
         imap = section.upstream("imap", "tls:mail.example.org:993")
         ca_file = section.optional_path("ca_file")
@@ -475,17 +479,31 @@ class UpstreamConfig:
             raise section.fail("smtp_user", "set smtp_password_file or smtp_password_env for it")
         if smtp_user is not None and smtp is not None and smtp.security == "tcp":
             raise section.fail("smtp_user", "a password is only sent over TLS: use a tls: or starttls: smtp endpoint")
+        if smtp_user is not None and smarthost is not None and smarthost.security == "tcp":
+            raise section.fail("smtp_user", "a password is only sent over TLS: use a tls: or starttls: smarthost")
         connections = section.integer("smtp_connections", 10, minimum=0, maximum=100)
         verify = section.boolean("verify_recipients", True)
         store_table = _Section(f"{section.name}.store", section.table_of("store"), section.base_dir)
         store = LocalStoreConfig.read(store_table)
         store_table.finish()
-        if mode == "embedded":
-            return cls(timeout_seconds=timeout, store=store)
         configured = [name for name, value in (("smtp", smtp), ("pop3", pop3), ("imap", imap)) if value]
-        if configured and len(configured) != 3:
+        if mode == "embedded" or not configured:
+            return cls(
+                ca_file=ca_file,
+                timeout_seconds=timeout,
+                smtp_user=smtp_user,
+                smtp_password_file=password_file,
+                smtp_password_env=password_env,
+                smtp_connections=connections,
+                verify_recipients=verify,
+                store=store,
+                smarthost=smarthost,
+            )
+        if len(configured) != 3:
             missing = sorted({"smtp", "pop3", "imap"} - set(configured))[0]
             raise section.fail(missing, "set smtp, pop3 and imap together (or none, for the embedded store)")
+        if smarthost is not None:
+            raise section.fail("smarthost", "only used by the embedded store: with smtp set, mail goes there")
         return cls(
             smtp=smtp,
             pop3=pop3,

@@ -909,17 +909,19 @@ def proxy_backend(
     revealer: Revealer,
     resolve: LoginResolve,
     workers: Any,
+    open_store: StoreOpener | None = None,
 ) -> ImapBackend:
     """The backend of the IMAP proxy to the upstream IMAP server (``[upstream] imap``).
 
     Revealing and encrypting run in ``workers`` (keys cross as a ``WireIdentity``);
-    trusted signers are harvested by ``revealer`` on the reactor.
+    trusted signers are harvested by ``revealer`` on the reactor. ``open_store``
+    replaces the upstream server (the embedded store's sessions).
     """
     from gatekeeper.imap_proxy import encrypt_to_self, reveal_for_imap
     from gatekeeper.keys.unlocking import identity_to_wire
     from gatekeeper.upstream.imap import open_session
 
-    async def open_store(login: UpstreamLogin) -> IMailStoreSession:
+    async def open_upstream(login: UpstreamLogin) -> IMailStoreSession:
         return await open_session(reactor, upstream, login.user, login.password)
 
     def make_reveal(identity: Identity, session: Session) -> RevealFunction:
@@ -955,7 +957,7 @@ def proxy_backend(
         return encrypt
 
     return ImapBackend(
-        open_store=open_store,
+        open_store=open_store or open_upstream,
         resolve=resolve,
         make_reveal=make_reveal,
         caches=MailCaches(reactor, imap.cache_bytes, imap.cache_linger_seconds),

@@ -4,7 +4,8 @@ The cases live in :class:`ImapProxyCases`, a mixin parameterised by an *upstream
 fixture*: an object that starts a mail store, knows its users, puts messages in it
 and reads them back straight from the store (not through Gatekeeper). The Dovecot
 fixture is :class:`DovecotUpstream` (a :class:`~tests.fixtures.mailstack.MailStack`:
-Dovecot + Postfix); issue 10's embedded store can run the same cases with its own.
+Dovecot + Postfix); :class:`EmbeddedUpstream` is the gateway's own embedded store
+(no ``[upstream]``), and every case runs against both.
 
 Every client is Python's ``imaplib`` (or a real client: ``mbsync``, ``mutt``) in a
 thread, talking TLS to the gateway running on the test's reactor; the gateway logs in
@@ -35,16 +36,19 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 
 from gatekeeper import imap_mime, imap_syntax
+from gatekeeper.interfaces import UpstreamLogin
+from gatekeeper.localstore.imap import LocalImapStore
 from gatekeeper.testing.gateway import GatewayHarness
 from tests.fixtures import clients
 from tests.fixtures.mailstack import MailStack
 from tests.fixtures.process import require_program
+from tests.localstore_support import DirectImap, embedded, local_store, remove_all
 
 BOB = "bob@example.org"
 ALICE = "alice@example.org"
@@ -269,6 +273,7 @@ class ImapProxyCases:
             return seen
 
         self.upstream.append(BOB, "INBOX", plain_message("one"))
+        before = set(self.upstream.mailboxes(BOB))  # Dovecot: INBOX; the embedded store: INBOX, Sent, Drafts, Trash
         seen = await self.in_thread(run)
         for key in ("create", "create_child", "subscribe", "rename", "unsubscribe", "delete", "lsub", "list"):
             self.assertEqual(seen[key][0], "OK", key)
@@ -279,7 +284,7 @@ class ImapProxyCases:
         self.assertIn(b"MESSAGES 1", seen["status"][1][0])
         self.assertEqual(seen["delete_missing"][0], "NO")
         self.assertEqual(seen["select_missing"][0], "NO")
-        self.assertEqual(sorted(self.upstream.mailboxes(BOB)), ["INBOX", "Projects"])
+        self.assertEqual(sorted(self.upstream.mailboxes(BOB)), sorted(before | {"Projects"}))
 
     async def test_plain_fetch_is_upstreams_answer(self) -> None:
         """Every FETCH item of plain messages is exactly what Dovecot answers directly."""
@@ -393,7 +398,7 @@ class ImapProxyCases:
     async def test_store_copy_move_expunge(self) -> None:
         for index in range(5):
             self.upstream.append(BOB, "INBOX", plain_message(f"message {index}"))
-        self.upstream.dovecot.append(BOB, "Archive", plain_message("archived"))
+        self.upstream.append(BOB, "Archive", plain_message("archived"))
 
         def run() -> dict[str, Any]:
             client = self.connect()
@@ -432,7 +437,7 @@ class ImapProxyCases:
         self.assertEqual(self.upstream.flags(BOB)[0], frozenset({"\\Flagged", "$Work"}))
 
     async def test_append_to_sent_is_encrypted_upstream(self) -> None:
-        self.upstream.dovecot.append(BOB, "Sent", plain_message("older"))
+        self.upstream.append(BOB, "Sent", plain_message("older"))
         draft = plain_message("my sent mail", "only bob may read this", sender=BOB)
 
         def run() -> tuple[Any, Any, Any]:
@@ -594,6 +599,146 @@ class DovecotImapProxyTests(ImapProxyCases, TestCase):
     """The cases against Dovecot."""
 
     upstream_class = DovecotUpstream
+
+
+# -- the embedded store ------------------------------------------------------------------------------
+
+
+@functools.cache
+def embedded_harness() -> GatewayHarness:
+    """A gateway with no ``[upstream]``: its own mail store (one key store per test process)."""
+    directory = Path(tempfile.mkdtemp(prefix="gk-imap-embedded-", dir="/tmp"))
+    harness = GatewayHarness(
+        directory / "gateway",
+        protocol_config={"imap": 'encrypt_folders = ["Sent", "Drafts"]\nidle_poll_seconds = 1'},
+    )
+    for address, password in PASSWORDS.items():
+        harness.add_user(address, password)
+    return harness
+
+
+class EmbeddedUpstream:
+    """The gateway's embedded store as the proxy's mail store; each test starts with empty mailboxes."""
+
+    name = "embedded"
+
+    def __init__(self, test: TestCase) -> None:
+        self.harness = embedded_harness()
+        remove_all(self.harness, PASSWORDS)
+
+    def append(self, address: str, mailbox: str, message: bytes, flags: tuple[str, ...] = ()) -> int:
+        with local_store(self.harness) as store:
+            user = store.mailbox(address)
+            if mailbox.upper() != "INBOX" and mailbox not in {f.name for f in user.folders()}:
+                user.create_folder(mailbox)
+            return user.append(mailbox, message, flags=flags).uid
+
+    def deliver(self, address: str, message: bytes) -> None:
+        with local_store(self.harness) as store:
+            assert store.deliver([address], message).all_delivered
+
+    def messages(self, address: str, mailbox: str = "INBOX") -> list[bytes]:
+        with local_store(self.harness) as store:
+            user = store.mailbox(address)
+            return [user.read_message(mailbox, uid) for uid in user.uids(mailbox)]
+
+    def flags(self, address: str, mailbox: str = "INBOX") -> list[frozenset[str]]:
+        with local_store(self.harness) as store:
+            return [m.flags for m in store.mailbox(address).messages(mailbox)]
+
+    def uids(self, address: str, mailbox: str = "INBOX") -> list[int]:
+        with local_store(self.harness) as store:
+            return store.mailbox(address).uids(mailbox)
+
+    def mailboxes(self, address: str) -> list[str]:
+        with local_store(self.harness) as store:
+            return [f.name for f in store.mailbox(address).folders() if f.selectable]
+
+    @contextlib.contextmanager
+    def direct(self, address: str) -> Iterator[DirectImap]:
+        running = embedded(self.harness)
+        assert running is not None
+        opener = LocalImapStore(running, reactor)
+        session = blockingCallFromThread(
+            reactor, Deferred.fromCoroutine, opener.open(UpstreamLogin(address, address, ""))
+        )
+        connection = DirectImap(reactor, session)
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        """The store goes away under the gateway (called in a client thread)."""
+        running = embedded(self.harness)
+        assert running is not None
+        blockingCallFromThread(reactor, running.close)
+
+    def start(self) -> None:
+        running = embedded(self.harness)
+        if running is not None:
+            running.open()
+
+
+class EmbeddedImapProxyTests(ImapProxyCases, TestCase):
+    """The same cases against the embedded store."""
+
+    upstream_class = EmbeddedUpstream
+
+    async def test_upstream_refusing_the_password_is_authenticationfailed(self) -> None:
+        # Replaces the Dovecot case: the embedded store has no password of its own to refuse
+        # (the gateway login, which unlocks the key, is the only one). What a client sees
+        # of a refused login is the same: AUTHENTICATIONFAILED, and no session.
+        def run() -> str:
+            try:
+                self.connect(ALICE, "not alice's password")
+            except imaplib.IMAP4.error as error:
+                return str(error)
+            raise AssertionError("login accepted")
+
+        self.assertIn("AUTHENTICATIONFAILED", await self.in_thread(run))
+
+    async def test_a_restart_keeps_every_mailbox_uid_and_flag(self) -> None:
+        for index in range(3):
+            self.upstream.deliver(BOB, plain_message(f"kept {index}"))
+
+        def change() -> dict[str, Any]:
+            client = self.connect()
+            try:
+                client.create("Projects/2024")
+                client.select("INBOX")
+                client.store("1", "+FLAGS", "(\\Flagged $Later)")
+                client.store("3", "+FLAGS.SILENT", "(\\Seen)")
+                client.copy("2", "Projects/2024")
+                client.append("Drafts", "(\\Draft)", None, plain_message("draft"))
+                return self.snapshot(client)
+            finally:
+                client.logout()
+
+        before = await self.in_thread(change)
+        await self.harness.stop()
+        self.harness.start(reactor)
+        after = await self.in_thread(self.read_snapshot)
+        self.assertEqual(after, before)
+        self.assertIn(b"Projects/2024", b" ".join(after["list"]))
+        self.assertEqual(len(after["INBOX"][1]), 3)
+
+    def read_snapshot(self) -> dict[str, Any]:
+        client = self.connect()
+        try:
+            return self.snapshot(client)
+        finally:
+            client.logout()
+
+    def snapshot(self, client: imaplib.IMAP4_SSL) -> dict[str, Any]:
+        """Folders, and per folder its UIDVALIDITY and each message's UID and flags (without \\Recent)."""
+        seen: dict[str, Any] = {"list": sorted(client.list()[1])}
+        for name in ("INBOX", "Projects/2024", "Drafts"):
+            status = client.status(name, "(UIDVALIDITY UIDNEXT MESSAGES)")[1][0]
+            client.select(name, readonly=True)
+            listing = fetch_map(client.fetch("1:*", "(UID FLAGS)")[1]) if b"MESSAGES 0" not in status else {}
+            seen[name] = (status, sorted((v[b"UID"], v[b"FLAGS"].replace(b" \\Recent", b"")) for v in listing.values()))
+        return seen
 
 
 # -- Dovecot-only: byte counting and SMTP end to end ------------------------------------------------

@@ -1,8 +1,8 @@
 """The POP3 proxy against a real upstream: real clients (poplib, mpop, fetchmail) through the running gateway.
 
 The cases are a mixin, :class:`Pop3ProxyCases`, run here against real Dovecot
-(:class:`DovecotPop3ProxyTests`). A test class for another upstream (the embedded store
-of issue 10) provides the same :class:`Pop3Upstream` fixture and inherits every case.
+(:class:`DovecotPop3ProxyTests`) and against the gateway's embedded store
+(:class:`EmbeddedPop3ProxyTests`): each provides the same :class:`Pop3Upstream` fixture.
 
 The gateway runs in-process on the test's reactor with its real configuration, key store
 and worker processes; the blocking clients run in threads. One mail stack, gateway key
@@ -20,6 +20,7 @@ import poplib
 import re
 import smtplib
 import socket
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -53,6 +54,7 @@ from tests.fixtures import clients
 from tests.fixtures.mailstack import MailStack
 from tests.fixtures.process import free_ports
 from tests.fixtures.slapd import Slapd
+from tests.localstore_support import local_store, remove_all, uidls
 from tests.test_protocol_login import TLSStringTransport
 
 HOST = "127.0.0.1"
@@ -362,6 +364,46 @@ class DovecotPop3ProxyTests(Pop3ProxyCases, TestCase):
 
     def setUp(self) -> None:
         self.fixture = dovecot_upstream()
+        self.fixture.reset()
+
+
+# -- against the embedded store ---------------------------------------------------------------
+
+
+class EmbeddedPop3Upstream:
+    """The gateway's own embedded store (no ``[upstream]``): each user's INBOX is the maildrop."""
+
+    def __init__(self) -> None:
+        self.gateway = GatewayHarness(Path(tempfile.mkdtemp(prefix="gk-pop3-embedded-", dir="/tmp")) / "gateway")
+        for address, password in PASSWORDS.items():
+            self.gateway.add_user(address, password)
+
+    def deliver(self, address: str, data: bytes) -> None:
+        with local_store(self.gateway) as store:
+            assert store.deliver([address], data).all_delivered
+
+    def stored(self, address: str) -> list[bytes]:
+        with local_store(self.gateway) as store:
+            mailbox = store.mailbox(address)
+            return [mailbox.read_message("INBOX", uid) for uid in mailbox.uids("INBOX")]
+
+    def uidls(self, address: str) -> list[bytes]:
+        return uidls(self.gateway, address)
+
+    def reset(self) -> None:
+        remove_all(self.gateway, PASSWORDS)
+
+
+@functools.cache
+def embedded_upstream() -> EmbeddedPop3Upstream:
+    return EmbeddedPop3Upstream()
+
+
+class EmbeddedPop3ProxyTests(Pop3ProxyCases, TestCase):
+    """Every case against the embedded store."""
+
+    def setUp(self) -> None:
+        self.fixture = embedded_upstream()
         self.fixture.reset()
 
 
