@@ -496,6 +496,7 @@ class UpstreamConfig:
                 smtp_password_env=password_env,
                 smtp_connections=connections,
                 verify_recipients=verify,
+                pass_through=pass_through,
                 store=store,
                 smarthost=smarthost,
             )

@@ -956,7 +956,7 @@ class LocalImapSession:
                 index = selected.index(info.uid)
                 if index is None or (level > META and values is None):
                     continue  # expunged meanwhile
-                sink(FetchResponse(index + 1, info.uid, self._answer(selected, info, specs, values, sets_seen, marked)))
+                sink(FetchResponse(index + 1, info.uid, self._answer(selected, info, specs, values, marked)))
 
     async def _mark_seen(self, selected: _Selected, infos: list[MessageInfo]) -> tuple[list[MessageInfo], set[int]]:
         """Set \\Seen on the messages a FETCH reads; returns their metadata after, and which changed."""
@@ -985,35 +985,33 @@ class LocalImapSession:
         return result
 
     def _answer(
-        self,
-        selected: _Selected,
-        info: MessageInfo,
-        specs: Sequence[FetchSpec],
-        values: list[bytes] | None,
-        sets_seen: bool,
+        self, selected: _Selected, info: MessageInfo, specs: Sequence[FetchSpec], values: list[bytes] | None,
         marked: set[int],
-    ) -> bytes:
-        # Dovecot: UID first; FLAGS next when the FETCH may have set \Seen, else where asked.
+    ) -> bytes:  # fmt: skip
+        """One FETCH answer in Dovecot's order: UID, the items without literals as asked, then those with."""
+        # Dovecot writes "buffered" items (no literal) before the others, each group in the order
+        # asked, and adds FLAGS after the first group when this FETCH set \Seen.
         flags = b"FLAGS " + render_flags(info.flags, info.uid in selected.recent)
-        flags_first = sets_seen and (info.uid in marked or any(spec.kind == "FLAGS" for spec in specs))
         parts = [b"UID %d" % info.uid]
-        if flags_first:
-            parts.append(flags)
+        literals = []
         content = iter(values or ())
         for spec in specs:
             kind = spec.kind
             if kind == "UID":
                 continue
             if kind == "FLAGS":
-                if not flags_first:
-                    parts.append(flags)
+                parts.append(flags)
             elif kind == "INTERNALDATE":
                 parts.append(b"INTERNALDATE " + render_internal_date(info.internal_date))
             elif kind == "RFC822.SIZE":
                 parts.append(b"RFC822.SIZE %d" % info.size)
-            else:
+            elif kind in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
                 parts.append(spec.label + b" " + next(content))
-        return b"(" + b" ".join(parts) + b")"
+            else:
+                literals.append(spec.label + b" " + next(content))
+        if info.uid in marked and not any(spec.kind == "FLAGS" for spec in specs):
+            parts.append(flags)
+        return b"(" + b" ".join(parts + literals) + b")"
 
     def search(self, criteria: bytes, charset: str | None = None) -> Deferred[list[int]]:
         """UID SEARCH over the stored messages (headers as stored, bodies transfer-decoded)."""
