@@ -54,6 +54,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gatekeeper.admin.check_cmd",
     "gatekeeper.admin.audit_cmd",
     "gatekeeper.admin.admin_cmd",
+    "gatekeeper.admin.demo_cmd",
 )
 
 MAX_PASSWORD_FILE = 4096
