@@ -1,9 +1,11 @@
-"""The administrator's path end to end: CLI set-up, ``twistd -n gatekeeper``, a login, a clean stop."""
+"""The administrator's path end to end: CLI set-up, ``twistd -n gatekeeper``, a login, one message, a clean stop."""
 
 from __future__ import annotations
 
 import imaplib
+import poplib
 import signal
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -69,6 +71,32 @@ class TwistdTests(SynchronousTestCase):
         with self.assertRaises(imaplib.IMAP4.error):
             bad.login("carol@example.org", "not the password")
         bad.logout()
+
+        # No [upstream]: the gateway is its own mail system. One message through it, end to end.
+        sent = (
+            b"From: <carol@example.org>\r\nTo: <carol@example.org>\r\nSubject: a note to self\r\n"
+            b"Content-Type: text/plain\r\n\r\nkept in the embedded store\r\n"
+        )
+        with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=60) as smtp:
+            smtp.starttls(context=context)
+            smtp.login("carol@example.org", PASSWORD)
+            smtp.sendmail("carol@example.org", ["carol@example.org"], sent)
+        stored = list((directory / "mail").rglob("new/*"))
+        self.assertEqual(len(stored), 1)
+        self.assertIn(b"application/pkcs7-mime", stored[0].read_bytes())
+        reader = imaplib.IMAP4_SSL("127.0.0.1", ports["imaps"], ssl_context=context, timeout=30)
+        reader.login("carol@example.org", PASSWORD)
+        reader.select("INBOX")
+        shown = reader.fetch("1", "(BODY.PEEK[])")[1][0]
+        reader.logout()
+        assert isinstance(shown, tuple)
+        self.assertIn(b"kept in the embedded store", shown[1])
+        self.assertIn(b"decrypted=yes; signature=valid; signer=carol@example.org", shown[1])
+        pop = poplib.POP3_SSL("127.0.0.1", ports["pop3s"], context=context, timeout=30)
+        pop.user("carol@example.org")
+        pop.pass_(PASSWORD)
+        self.assertIn(b"kept in the embedded store", b"\r\n".join(pop.retr(1)[1]))
+        pop.quit()
 
         process.send_signal(signal.SIGTERM)
         # twistd shuts down, then re-raises the signal so the exit status says what stopped it.
