@@ -26,7 +26,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from gatekeeper.errors import RelayRefused, UpstreamRefused, UpstreamUnavailable
+from gatekeeper.config import parse_config_text
+from gatekeeper.errors import ConfigError, RelayRefused, UpstreamRefused, UpstreamUnavailable
 from gatekeeper.interfaces import FetchResponse, IMailStoreEvents, MailStoreError, RelayCopy, RelayReply, UpstreamLogin
 from gatekeeper.localstore import INBOX, LocalStore, Quota, StoreUnavailable
 from gatekeeper.localstore.embedded import EmbeddedStore
@@ -657,3 +658,35 @@ def _responses(data: list[Any]) -> list[bytes]:
 
 
 _ = (imaplib, Deferred)
+
+
+class SmarthostConfigTests(TestCase):
+    """``[upstream] smarthost``: the embedded store's way out, with the upstream SMTP settings."""
+
+    def test_smarthost_is_read_with_the_smtp_settings(self) -> None:
+        text = (
+            '[upstream]\nsmarthost = "starttls:relay.example.net:587"\nsmtp_user = "gk"\n'
+            'smtp_password_env = "GK_RELAY"\nca_file = "/etc/ssl/relay.pem"\n'
+        )
+        upstream = parse_config_text(text, Path("/etc/gk")).upstream
+        self.assertTrue(upstream.embedded)
+        assert upstream.smarthost is not None
+        self.assertEqual((upstream.smarthost.security, upstream.smarthost.host, upstream.smarthost.port),
+                         ("starttls", "relay.example.net", 587))  # fmt: skip
+        self.assertEqual((upstream.smtp_user, upstream.smtp_password_env), ("gk", "GK_RELAY"))
+        self.assertEqual(upstream.ca_file, Path("/etc/ssl/relay.pem"))
+        self.assertIsNone(parse_config_text("", Path("/etc/gk")).upstream.smarthost)
+
+    def test_mistakes_name_the_setting(self) -> None:
+        proxy = '[upstream]\nsmtp = "tls:m:465"\npop3 = "tls:m:995"\nimap = "tls:m:993"\n'
+        cases = {
+            proxy + 'smarthost = "tls:r:465"\n': "[upstream] smarthost: only used by the embedded store",
+            '[upstream]\nsmarthost = "tcp:127.0.0.1:25"\nsmtp_user = "gk"\nsmtp_password_env = "X"\n': (
+                "[upstream] smtp_user: a password is only sent over TLS"
+            ),
+            '[upstream]\nsmarthost = "relay.example.net"\n': "[upstream] smarthost: expected an endpoint",
+        }
+        for text, message in cases.items():
+            with self.assertRaises(ConfigError, msg=text) as caught:
+                parse_config_text(text, Path("/etc/gk"))
+            self.assertIn(message, str(caught.exception))
