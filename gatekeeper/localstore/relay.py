@@ -34,18 +34,18 @@ DELIVERED = RelayReply(250, "2.0.0 delivered to the local mailbox")
 _CODES = {"4.2.2": 452, "5.2.3": 552, "5.1.3": 553, "5.1.1": 550}
 
 
-def no_relay(recipient: str) -> RelayReply:
+def no_relay() -> RelayReply:
     """The reply for an outside recipient when no smarthost is configured."""
-    return RelayReply(550, f"5.7.1 {recipient}: relaying denied: this gateway only delivers to its own domains")
+    return RelayReply(550, "5.7.1 relaying denied: this gateway only delivers to its own domains")
 
 
-def reply_for(recipient: str, error: Exception) -> RelayReply:
+def reply_for(error: Exception) -> RelayReply:
     """An SMTP reply for a recipient the store refused (the error's text names no message content)."""
     if isinstance(error, LocalStoreError):
         status = error.enhanced_status
         code = _CODES.get(status, 451 if status.startswith("4") else 550)
-        return RelayReply(code, f"{status} {recipient}: {error}")
-    return RelayReply(553, f"5.1.3 {recipient}: {error}")
+        return RelayReply(code, f"{status} {error}")  # the store's wording names the address
+    return RelayReply(553, f"5.1.3 {error}")
 
 
 def _refused(recipient: str, reply: RelayReply) -> RelayRefused:
@@ -105,9 +105,9 @@ class LocalRelay:
                 except StoreUnavailable as error:
                     raise UpstreamUnavailable(str(error)) from None
                 except (LocalStoreError, InvalidAddress) as error:
-                    refusals.append(_refused(recipient, reply_for(recipient, error)))
+                    refusals.append(_refused(recipient, reply_for(error)))
             if outside and self.smarthost is None:
-                refusals.extend(_refused(r, no_relay(r)) for r in outside)
+                refusals.extend(_refused(r, no_relay()) for r in outside)
             plans.append((copy, local, outside))
         if refusals:
             permanent = [r for r in refusals if not r.temporary]
@@ -161,7 +161,7 @@ def _refusal_reply(refusal: Refused) -> RelayReply:
     """An SMTP reply for a copy the store refused at its commit."""
     status = refusal.enhanced_status
     code = _CODES.get(status, 451 if refusal.temporary else 550)
-    return RelayReply(code, f"{status} {refusal.address}: {refusal.reason}")
+    return RelayReply(code, f"{status} {refusal.reason}")
 
 
 @implementer(IRelayTransaction)
@@ -179,10 +179,10 @@ class LocalTransaction:
             if await self.relay.check(recipient):
                 return ACCEPTED
         except (LocalStoreError, InvalidAddress) as error:
-            return reply_for(recipient, error)
+            return reply_for(error)
         smarthost = self.relay.smarthost
         if smarthost is None:
-            return no_relay(recipient)
+            return no_relay()
         if self.remote is None:
             self.remote = smarthost.transaction(self.sender)
         return await self.remote.add_recipient(recipient)
