@@ -15,10 +15,12 @@ upstream with the user's own password (pass-through). Encrypted messages are mad
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import imaplib
 import re
+import shutil
 import smtplib
 import socket
 import ssl
@@ -608,6 +610,7 @@ class DovecotImapProxyTests(ImapProxyCases, TestCase):
 def embedded_harness() -> GatewayHarness:
     """A gateway with no ``[upstream]``: its own mail store (one key store per test process)."""
     directory = Path(tempfile.mkdtemp(prefix="gk-imap-embedded-", dir="/tmp"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     harness = GatewayHarness(
         directory / "gateway",
         protocol_config={"imap": 'encrypt_folders = ["Sent", "Drafts"]\nidle_poll_seconds = 1'},

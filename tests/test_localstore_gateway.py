@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
 import select
+import shutil
 import signal
 import smtplib
 import subprocess
@@ -54,7 +56,10 @@ def message(subject: str, body: str = "hello from alice") -> bytes:
 
 
 def make_harness(prefix: str, extra_config: str = "") -> GatewayHarness:
-    harness = GatewayHarness(Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp")) / "gateway", extra_config=extra_config)
+    """A gateway with alice and bob in a directory of its own, removed when the test process ends."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    harness = GatewayHarness(directory / "gateway", extra_config=extra_config)
     for address, password in PASSWORDS.items():
         harness.add_user(address, password)
     return harness

@@ -18,6 +18,7 @@ import gc
 import os
 import poplib
 import re
+import shutil
 import smtplib
 import socket
 import tempfile
@@ -374,7 +375,9 @@ class EmbeddedPop3Upstream:
     """The gateway's own embedded store (no ``[upstream]``): each user's INBOX is the maildrop."""
 
     def __init__(self) -> None:
-        self.gateway = GatewayHarness(Path(tempfile.mkdtemp(prefix="gk-pop3-embedded-", dir="/tmp")) / "gateway")
+        directory = Path(tempfile.mkdtemp(prefix="gk-pop3-embedded-", dir="/tmp"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        self.gateway = GatewayHarness(directory / "gateway")
         for address, password in PASSWORDS.items():
             self.gateway.add_user(address, password)
 
