@@ -354,6 +354,7 @@ class Demo:
         assert self.process is not None
         cli.output()
         cli.output(f"The gateway keeps running (log: {self.directory / 'gatekeeper.log'}). Press Ctrl-C to stop it.")
+
         def interrupted(signum: int, frame: Any) -> None:
             raise KeyboardInterrupt
 
