@@ -31,7 +31,15 @@ from gatekeeper.errors import ConfigError, RelayRefused, UpstreamRefused, Upstre
 from gatekeeper.interfaces import FetchResponse, IMailStoreEvents, MailStoreError, RelayCopy, RelayReply, UpstreamLogin
 from gatekeeper.localstore import INBOX, LocalStore, Quota, StoreUnavailable
 from gatekeeper.localstore.embedded import EmbeddedStore
-from gatekeeper.localstore.imap import LocalImapSession, LocalImapStore, parse_date_time, pick, render_internal_date
+from gatekeeper.localstore.imap import (
+    FetchSpec,
+    LocalImapSession,
+    LocalImapStore,
+    ViewCache,
+    parse_date_time,
+    pick,
+    render_internal_date,
+)
 from gatekeeper.localstore.pop3 import LocalPop3Upstream
 from gatekeeper.localstore.relay import LocalRelay
 from gatekeeper.testing.relay import MemoryRelay
@@ -690,3 +698,58 @@ class SmarthostConfigTests(TestCase):
             with self.assertRaises(ConfigError, msg=text) as caught:
                 parse_config_text(text, Path("/etc/gk"))
             self.assertIn(message, str(caught.exception))
+
+
+class ViewCacheTests(StoreCase):
+    """ENVELOPE and BODYSTRUCTURE are worked out once per message, and never mixed up between mailboxes."""
+
+    async def test_a_second_listing_reads_no_message(self) -> None:
+        self.local.deliver([BOB], message("one"))
+        self.local.deliver([BOB], MULTIPART)
+        views = ViewCache()
+        session = await LocalImapStore(self.embedded, reactor, views=views).open(UpstreamLogin(BOB, BOB, ""))
+        self.addCleanup(session.logout)
+        await session.select("INBOX", readonly=True)
+        first: list[FetchResponse] = []
+        await session.fetch(b"1:*", b"(FLAGS ENVELOPE BODYSTRUCTURE)", first.append)
+        self.assertEqual(len(views), 2)
+        opened: list[int] = []
+        real_open = self.local.mailbox(BOB).open_message
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            opened.append(args[1])
+            return real_open(*args, **kwargs)
+
+        self.patch(self.local.mailbox(BOB), "open_message", counting)
+        second: list[FetchResponse] = []
+        await session.fetch(b"1:*", b"(FLAGS ENVELOPE BODYSTRUCTURE)", second.append)
+        self.assertEqual([a.data for a in second], [a.data for a in first])
+        self.assertEqual(opened, [])
+        await session.fetch(b"1", b"(BODY)", second.append)  # not known yet: read once
+        self.assertEqual(opened, [1])
+
+    async def test_a_mailbox_made_again_does_not_meet_the_old_ones_entries(self) -> None:
+        views = ViewCache()
+        opener = LocalImapStore(self.embedded, reactor, views=views)
+        self.local.deliver([BOB], message("before"))
+        answers: list[FetchResponse] = []
+        for _ in range(2):
+            session = await opener.open(UpstreamLogin(BOB, BOB, ""))
+            await session.select("INBOX", readonly=True)
+            await session.fetch(b"1", b"(ENVELOPE)", answers.append)
+            await session.logout()
+            self.local.remove_mailbox(BOB)  # same second: the new INBOX may get the same UIDVALIDITY
+            self.local.deliver([BOB], message("after"))
+        self.assertIn(b'"before"', answers[0].data)
+        self.assertIn(b'"after"', answers[1].data)
+
+    def test_least_recently_used_entries_leave_first(self) -> None:
+        views = ViewCache(limit_bytes=250)
+        envelope = [FetchSpec("ENVELOPE", b"ENVELOPE", 1)]
+        for uid in (1, 2, 3):
+            views.put((1, 1, uid), envelope, [b"x" * 100])
+        self.assertIsNone(views.get((1, 1, 1), envelope))
+        self.assertEqual(views.get((1, 1, 2), envelope), [b"x" * 100])
+        views.put((1, 1, 4), envelope, [b"y" * 100])
+        self.assertIsNone(views.get((1, 1, 3), envelope))
+        self.assertEqual(views.size, 200)

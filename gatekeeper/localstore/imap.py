@@ -32,10 +32,13 @@ Commands run one at a time (a lock per session), in the order the proxy gives th
 
 from __future__ import annotations
 
+import collections
 import datetime
 import email.header
 import email.utils
+import itertools
 import re
+import weakref
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -627,6 +630,59 @@ def search_job(
     return result
 
 
+# -- the view cache --------------------------------------------------------------------------
+
+CACHED_KINDS = frozenset({"ENVELOPE", "BODYSTRUCTURE", "BODY"})
+VIEW_CACHE_BYTES = 32 * 1024 * 1024
+
+
+class ViewCache:
+    """ENVELOPE, BODYSTRUCTURE and BODY of messages already described, least recently used out first.
+
+    A stored message never changes, so what it looked like once it looks like for good
+    (Dovecot keeps the same in its cache file): a second listing reads no file and
+    parses nothing. Keys are (mailbox token, UIDVALIDITY, UID); each open
+    :class:`~gatekeeper.localstore.mailbox.Mailbox` gets its own token, so a mailbox
+    removed and made again never meets the old one's entries. Reactor thread only.
+    """
+
+    def __init__(self, limit_bytes: int = VIEW_CACHE_BYTES) -> None:
+        self.limit_bytes = limit_bytes
+        self.size = 0
+        self._entries: collections.OrderedDict[tuple[int, int, int], dict[str, bytes]] = collections.OrderedDict()
+        self._tokens: weakref.WeakKeyDictionary[Mailbox, int] = weakref.WeakKeyDictionary()
+        self._counter = itertools.count(1)
+
+    def token(self, mailbox: Mailbox) -> int:
+        """The token of an open mailbox."""
+        token = self._tokens.get(mailbox)
+        if token is None:
+            token = self._tokens[mailbox] = next(self._counter)
+        return token
+
+    def get(self, key: tuple[int, int, int], specs: Sequence[FetchSpec]) -> list[bytes] | None:
+        """The values of ``specs`` for a message, if all are known."""
+        entry = self._entries.get(key)
+        if entry is None or not all(spec.kind in entry for spec in specs):
+            return None
+        self._entries.move_to_end(key)
+        return [entry[spec.kind] for spec in specs]
+
+    def put(self, key: tuple[int, int, int], specs: Sequence[FetchSpec], values: Sequence[bytes]) -> None:
+        """Remember the values of ``specs`` for a message."""
+        entry = self._entries.pop(key, None) or {}
+        self.size -= sum(map(len, entry.values()))
+        entry.update(zip((spec.kind for spec in specs), values, strict=True))
+        self.size += sum(map(len, entry.values()))
+        self._entries[key] = entry
+        while self.size > self.limit_bytes and self._entries:
+            _, evicted = self._entries.popitem(last=False)
+            self.size -= sum(map(len, evicted.values()))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 # -- the session ------------------------------------------------------------------------------
 
 
@@ -653,7 +709,8 @@ class LocalImapSession:
 
     ``run`` runs blocking functions in the store's thread pool; ``render``, if given,
     runs :func:`render_messages` in the worker processes. ``clock`` schedules the
-    reports of other sessions' changes.
+    reports of other sessions' changes; ``views`` keeps ENVELOPE and BODYSTRUCTURE of
+    messages already described (shared by the sessions of a gateway).
     """
 
     capabilities: frozenset[str] = CAPABILITIES
@@ -667,9 +724,11 @@ class LocalImapSession:
         clock: IReactorTime,
         render: Runner | None = None,
         alive: Callable[[], bool] = lambda: True,
+        views: ViewCache | None = None,
     ) -> None:
         self.mailbox = mailbox
         self._alive = alive
+        self._views = views
         self._run = run
         self._render = render
         self._clock = clock
@@ -974,6 +1033,30 @@ class LocalImapSession:
     async def _contents(
         self, selected: _Selected, uids: list[int], specs: Sequence[FetchSpec], level: int
     ) -> dict[int, list[bytes]]:
+        """The content items' values of these messages (from the view cache where it has them all)."""
+        cache = self._views
+        content = [spec for spec in specs if spec.level > META]
+        if cache is None or not all(spec.kind in CACHED_KINDS for spec in content):
+            return await self._render_contents(selected, uids, specs, level)
+        token = cache.token(self.mailbox.mailbox)
+        found: dict[int, list[bytes]] = {}
+        missing = []
+        for uid in uids:
+            values = cache.get((token, selected.uidvalidity, uid), content)
+            if values is None:
+                missing.append(uid)
+            else:
+                found[uid] = values
+        if missing:
+            rendered = await self._render_contents(selected, missing, specs, level)
+            for uid, values in rendered.items():
+                cache.put((token, selected.uidvalidity, uid), content, values)
+            found.update(rendered)
+        return found
+
+    async def _render_contents(
+        self, selected: _Selected, uids: list[int], specs: Sequence[FetchSpec], level: int
+    ) -> dict[int, list[bytes]]:
         inner = self.mailbox.mailbox
         if self._render is not None and any(spec.structure for spec in specs):
             found = await self._run(read_messages, inner, selected.folder, selected.uidvalidity, uids, level)
@@ -1190,10 +1273,13 @@ def _pattern(pattern: str) -> Callable[[str], bool]:
 class LocalImapStore:
     """Opens :class:`LocalImapSession` for gateway users (``ImapBackend.open_store``)."""
 
-    def __init__(self, store: EmbeddedStore, clock: IReactorTime, *, render: Runner | None = None) -> None:
+    def __init__(
+        self, store: EmbeddedStore, clock: IReactorTime, *, render: Runner | None = None, views: ViewCache | None = None
+    ) -> None:
         self.store = store
         self.clock = clock
         self.render = render
+        self.views = views if views is not None else ViewCache()
 
     async def open(self, login: UpstreamLogin) -> IMailStoreSession:
         """The session of ``login.address`` (the gateway login is the only login here)."""
@@ -1210,6 +1296,7 @@ class LocalImapStore:
             clock=self.clock,
             render=self.render,
             alive=lambda: self.store.store is opened,  # a session ends with the store it was opened on
+            views=self.views,
         )
 
 
@@ -1218,6 +1305,7 @@ __all__ = [
     "FetchSpec",
     "LocalImapSession",
     "LocalImapStore",
+    "ViewCache",
     "parse_date_time",
     "parse_fetch_items",
     "parse_search",
