@@ -9,10 +9,12 @@ pipes, and both ends are our own code, so pickle is the right format.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import importlib
 import os
 import pickle
+import signal
 import struct
 import sys
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 HEADER = struct.Struct(">I")
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = 1031  # Linux: a bigger pipe means fewer wake-ups per 64 KB message
+PR_SET_PDEATHSIG = 1
 
 
 def enlarge_pipe(fd: int) -> None:
@@ -84,15 +87,31 @@ def serve(read_fd: int = 0, write_fd: int = 1) -> None:
         write_all(write_fd, frame)
 
 
+def die_with_parent() -> None:
+    """Ask Linux to kill this worker when the gateway's process dies (even by SIGKILL).
+
+    Otherwise a worker in the middle of a long job (key generation, a large message)
+    runs on, holding keys and plaintext, until the job ends.
+    """
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main() -> None:
     """Entry point: run the optional initializer, then serve jobs."""
+    die_with_parent()
     # Our stdout is the answer pipe: anything a job prints must go elsewhere.
     answers = os.dup(1)
     os.dup2(2, 1)
     if len(sys.argv) > 1:
         module, _, name = sys.argv[1].partition(":")
         getattr(importlib.import_module(module), name)()
-    serve(0, answers)
+    with contextlib.suppress(BrokenPipeError):  # the gateway is gone: nobody to answer
+        serve(0, answers)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -14,6 +17,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from gatekeeper.errors import BadPassword
 from gatekeeper.worker_process import JobFailed
 from gatekeeper.workers import InlineWorkerPool, WorkerCrashed, WorkerPool, WorkersBusy
+from tests.fixtures.process import pid_alive
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def worker_pid() -> int:
@@ -134,3 +140,32 @@ class InlineWorkerPoolTests(SynchronousTestCase):
         self.assertEqual(result, os.getpid())
         self.failureResultOf(ensureDeferred(pool.run(fail_with_bad_password)), BadPassword)
         self.assertEqual(pool.jobs, 2)
+
+
+POOL_SCRIPT = """
+import os, sys
+from twisted.internet import reactor, defer
+from gatekeeper.workers import WorkerPool
+from tests.test_workers import hold_the_gil, worker_pid
+pool = WorkerPool(reactor, processes=1)
+async def go():
+    print(await pool.run(worker_pid), flush=True)
+    await pool.run(hold_the_gil, 30)
+reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(go()))
+reactor.run()
+"""
+
+
+class OrphanTests(SynchronousTestCase):
+    def test_workers_die_with_a_killed_gateway(self) -> None:
+        process = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT], stdout=subprocess.PIPE, cwd=REPO)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        assert process.stdout is not None
+        worker = int(process.stdout.readline())
+        time.sleep(0.3)  # the worker is now inside its 30-second job
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 5
+        while pid_alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(pid_alive(worker), "the worker outlived the gateway")
