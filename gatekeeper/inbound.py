@@ -65,7 +65,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
-from gatekeeper import smime
+from gatekeeper import mime, smime
 from gatekeeper.address import address_key, domain_of, normalize_address
 from gatekeeper.capabilities import ICapabilityStore
 from gatekeeper.cms import algorithms as alg
@@ -75,7 +75,7 @@ from gatekeeper.events import emit
 from gatekeeper.keys.identity import Identity
 from gatekeeper.keys.keyring import KeyRing, fingerprint
 from gatekeeper.keys.unlocking import WireIdentity, identity_from_wire, identity_to_wire
-from gatekeeper.smime import _PARAM, _content_type, _fields, _split, _split_multipart
+from gatekeeper.smime import _split, _split_multipart
 from gatekeeper.trust import (
     SEVERITY,
     TrustResult,
@@ -294,7 +294,7 @@ def reveal(
     """Decrypt, verify and report on ``message`` for ``identity`` (see the module's docstring)."""
     # The header fields alone (open_message makes the whole message canonical itself).
     try:
-        outer_fields = _fields(_split(smime.canonicalize(message[: smime.MAX_HEADER_BYTES + 4]))[0])
+        outer_fields = mime.header_fields(_split(smime.canonicalize(message[: smime.MAX_HEADER_BYTES + 4]))[0])
     except smime.LimitExceeded:
         outer_fields = []  # a header of over a megabyte: shown as text, below
     sender, message_id = _sender(outer_fields), _message_id(outer_fields)
@@ -308,7 +308,7 @@ def reveal(
     except Exception as error:  # a bug must not lose the message: show it as it arrived
         failure = ("internal", f"Gatekeeper could not check it ({type(error).__name__})")
     if opened is not None:
-        headers = b"".join(raw for name, raw in _fields(opened.headers) if name not in _FORGED_FIELDS)
+        headers = b"".join(raw for name, raw in mime.header_fields(opened.headers) if name not in _FORGED_FIELDS)
         entity = opened.content
     else:
         # Delivered as it arrived: the outer Content-* fields and the body are the entity.
@@ -373,7 +373,7 @@ def _filenames(fields: Sequence[tuple[str, bytes]]) -> list[str]:
         if name not in ("content-disposition", "content-type"):
             continue
         params: dict[str, str] = {}
-        for key, value in _PARAM.findall(_unfolded(raw)):
+        for key, value in mime.PARAMETER.findall(_unfolded(raw)):
             params[key.lower()] = re.sub(r"\\(.)", r"\1", value[1:-1]) if value.startswith('"') else value
         for base in ("filename", "name"):
             if base in params:
@@ -399,10 +399,10 @@ def _strip_forged(entity: bytes, depth: int) -> tuple[bytes, list[str]]:
     if depth > MAX_DEPTH:
         return entity, []
     block, offset = _split(entity)
-    fields = _fields(block)
+    fields = mime.header_fields(block)
     removed = [f"a forged {SECURITY_HEADER} header field" for name, _ in fields if name in _FORGED_FIELDS]
     head = b"".join(raw for name, raw in fields if name not in _FORGED_FIELDS) if removed else None
-    main, params = _content_type(fields)
+    main, params = mime.content_type(fields)
     body = entity[offset:]
     new_body: bytes | None = None
     if main.startswith("multipart/") and params.get("boundary"):
@@ -414,7 +414,7 @@ def _strip_forged(entity: bytes, depth: int) -> tuple[bytes, list[str]]:
             for start, end in parts:
                 part = body[start:end]
                 part_block, _ = _split(part)
-                if _is_report_part(_fields(part_block)):
+                if _is_report_part(mime.header_fields(part_block)):
                     removed.append("a forged Gatekeeper report part")
                     changed = True
                     continue
@@ -710,7 +710,7 @@ def _security_line(report: Report) -> bytes:
 
 
 def _assemble(headers: bytes, entity: bytes, report: Report) -> bytes:
-    has_version = any(name == "mime-version" for name, _ in _fields(headers))
+    has_version = any(name == "mime-version" for name, _ in mime.header_fields(headers))
     version = b"" if has_version else b"MIME-Version: 1.0\r\n"
     boundary = _boundary(entity, report.text)
     return b"".join(

@@ -63,7 +63,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from gatekeeper import smime
+from gatekeeper import mime, smime
 from gatekeeper.address import address_key, normalize_address
 from gatekeeper.capabilities import Capabilities, ICapabilityStore, choose_algorithms
 from gatekeeper.config import PolicyConfig
@@ -189,47 +189,6 @@ def _split_message(data: bytes) -> tuple[bytes, bytes]:
     return data[: end + 2], data[end + 4 :]
 
 
-def _fields(block: bytes) -> list[tuple[str, bytes]]:
-    """Header fields as (lower-case name, whole field with its CRLF)."""
-    fields: list[tuple[str, bytes]] = []
-    for line in block.split(b"\r\n")[:-1] if block else []:
-        if line[:1] in (b" ", b"\t") and fields:
-            name, raw = fields[-1]
-            fields[-1] = (name, raw + line + b"\r\n")
-        else:
-            fields.append((line.split(b":", 1)[0].strip().decode("latin-1").lower(), line + b"\r\n"))
-    return fields
-
-
-def _value(raw: bytes) -> str:
-    text = raw.split(b":", 1)[1] if b":" in raw else b""
-    return re.sub(r"\r\n[ \t]+", " ", text.decode("utf-8", "replace")).strip()
-
-
-_PARAM = re.compile(r';\s*([A-Za-z0-9_.*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
-
-
-def _content_type(fields: Sequence[tuple[str, bytes]]) -> tuple[str, dict[str, str]]:
-    for name, raw in fields:
-        if name == "content-type":
-            value = _value(raw)
-            main = value.split(";", 1)[0].strip().lower() or "text/plain"
-            params = {}
-            for key, param in _PARAM.findall(value):
-                if param.startswith('"'):
-                    param = re.sub(r"\\(.)", r"\1", param[1:-1])
-                params[key.lower()] = param
-            return main, params
-    return "text/plain", {}
-
-
-def _transfer_encoding(fields: Sequence[tuple[str, bytes]]) -> str:
-    for name, raw in fields:
-        if name == "content-transfer-encoding":
-            return _value(raw).lower()
-    return "7bit"
-
-
 def _has_long_line(data: bytes) -> bool:
     if len(data) <= MAX_LINE:
         return False
@@ -269,10 +228,10 @@ def _repair_entity(entity: bytes, repairs: set[str], depth: int = 0) -> bytes:
     if depth > MAX_MIME_DEPTH:
         raise MessageRejected("MIME parts are nested too deeply", status="5.6.0")
     block, body = _split_message(entity)
-    fields = _fields(block)
+    fields = mime.header_fields(block)
     if b"\0" in block:
         raise MessageRejected("a header field contains a NUL character", status="5.6.0")
-    main, params = _content_type(fields)
+    main, params = mime.content_type(fields)
     if main.startswith("multipart/") and params.get("boundary"):
         found = _delimiters(body, params["boundary"])
         if found:
@@ -290,7 +249,7 @@ def _repair_entity(entity: bytes, repairs: set[str], depth: int = 0) -> bytes:
             return block + b"\r\n" + b"".join(pieces)
     if main == "message/rfc822":
         return block + b"\r\n" + _repair_entity(body, repairs, depth + 1)
-    encoding = _transfer_encoding(fields)
+    encoding = mime.transfer_encoding(fields)
     if _clean(body) and encoding in ("7bit", "quoted-printable", "base64"):
         return entity  # only the header is 8-bit (RFC 6532): leave it as written
     if encoding == "base64":
@@ -333,7 +292,7 @@ def _guess_charset(octets: bytes) -> str:
 
 def _addresses(fields: Sequence[tuple[str, bytes]], names: Iterable[str]) -> set[str]:
     wanted = set(names)
-    values = [_value(raw) for name, raw in fields if name in wanted]
+    values = [mime.field_value(raw, "utf-8") for name, raw in fields if name in wanted]
     found = set()
     for _, address in email.utils.getaddresses(values):
         with contextlib.suppress(InvalidAddress):
@@ -343,7 +302,7 @@ def _addresses(fields: Sequence[tuple[str, bytes]], names: Iterable[str]) -> set
 
 def _protection(fields: Sequence[tuple[str, bytes]], body: bytes) -> str | None:
     """Whether the message is already encrypted or signed: S/MIME, PGP/MIME or inline PGP."""
-    main, params = _content_type(fields)
+    main, params = mime.content_type(fields)
     protocol = params.get("protocol", "").lower()
     if main == "multipart/encrypted":
         return "encrypted"
@@ -453,7 +412,7 @@ def protect(request: ProtectRequest) -> ProtectResult:
         repairs.add("header added to a message without one")
     if b"\0" in block:
         raise MessageRejected("a header field contains a NUL character", status="5.6.0")
-    fields = _fields(block)
+    fields = mime.header_fields(block)
     if any(len(raw) > MAX_LINE + 2 and _has_long_line(raw[:-2]) for _, raw in fields):
         fields = [(name, _fold(raw)) for name, raw in fields]
         repairs.add("long header lines folded")
@@ -464,7 +423,7 @@ def protect(request: ProtectRequest) -> ProtectResult:
     if "date" not in names:
         added.append(f"Date: {email.utils.formatdate(localtime=False)}\r\n".encode("ascii"))
         repairs.add("Date added")
-    message_id = next((_value(raw) for name, raw in fields if name == "message-id"), "")
+    message_id = next((mime.field_value(raw, "utf-8") for name, raw in fields if name == "message-id"), "")
     if not message_id:
         message_id = email.utils.make_msgid(domain=request.hostname)
         added.append(f"Message-ID: {message_id}\r\n".encode("ascii"))
@@ -472,7 +431,7 @@ def protect(request: ProtectRequest) -> ProtectResult:
     if "from" not in names and request.sender:
         added.append(f"From: <{request.sender}>\r\n".encode())
         repairs.add("From added")
-    subject = next((_value(raw) for name, raw in fields if name == "subject"), "")[:200]
+    subject = next((mime.field_value(raw, "utf-8") for name, raw in fields if name == "subject"), "")[:200]
     visible = _addresses(fields, ("to", "cc", "resent-to", "resent-cc"))
     header = b"".join(added) + b"".join(raw for _, raw in fields)
     protection = _protection(fields, body)

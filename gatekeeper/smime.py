@@ -51,13 +51,13 @@ import binascii
 import datetime
 import functools
 import os
-import re
 import struct
 from collections.abc import Sequence
 
 import attrs
 from cryptography import x509
 
+from gatekeeper import mime
 from gatekeeper.cms import algorithms as alg
 from gatekeeper.cms.enveloped import Recipient, decrypt_element, envelope_parts
 from gatekeeper.cms.errors import LimitExceeded, Malformed, NotForMe, SMIMEError, Tampered, UnsupportedAlgorithm
@@ -219,48 +219,6 @@ def _split(entity: Content) -> tuple[bytes, int]:
     return bytes(view[: end + 2]), end + 4
 
 
-def _fields(block: bytes) -> list[tuple[str, bytes]]:
-    """The header fields of a block as (lower-case name, whole field with CRLF)."""
-    fields: list[tuple[str, bytes]] = []
-    for line in block.split(b"\r\n")[:-1] if block else []:
-        if line[:1] in (b" ", b"\t") and fields:
-            name, raw = fields[-1]
-            fields[-1] = (name, raw + line + b"\r\n")
-        else:
-            name = line.split(b":", 1)[0].strip().decode("latin-1").lower()
-            fields.append((name, line + b"\r\n"))
-    return fields
-
-
-def _value(field: bytes) -> str:
-    text = field.split(b":", 1)[1] if b":" in field else b""
-    return re.sub(r"\r\n[ \t]+", " ", text.decode("latin-1")).strip()
-
-
-_PARAM = re.compile(r';\s*([A-Za-z0-9_.*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
-
-
-def _content_type(fields: Sequence[tuple[str, bytes]]) -> tuple[str, dict[str, str]]:
-    for name, raw in fields:
-        if name == "content-type":
-            value = _value(raw)
-            main = value.split(";", 1)[0].strip().lower() or "text/plain"
-            params = {}
-            for key, param in _PARAM.findall(value):
-                if param.startswith('"'):
-                    param = re.sub(r"\\(.)", r"\1", param[1:-1])
-                params[key.lower()] = param
-            return main, params
-    return "text/plain", {}
-
-
-def _transfer_encoding(fields: Sequence[tuple[str, bytes]]) -> str:
-    for name, raw in fields:
-        if name == "content-transfer-encoding":
-            return _value(raw).lower()
-    return "7bit"
-
-
 def _split_multipart(body: Content, boundary: str) -> tuple[list[tuple[int, int]], int] | None:
     """Locate the parts of a multipart body: [(start, end)] and the offset of the closing delimiter."""
     delimiter = b"--" + boundary.encode("latin-1")
@@ -312,9 +270,9 @@ def _seven_bit(entity: bytes, depth: int = 0) -> bytes:
     if depth > MAX_MIME_DEPTH:
         raise LimitExceeded("MIME parts are nested too deeply")
     block, offset = _split(entity)
-    fields = _fields(block)
+    fields = mime.header_fields(block)
     body = entity[offset:]
-    main, params = _content_type(fields)
+    main, params = mime.content_type(fields)
     if main.startswith("multipart/") and "boundary" in params:
         found = _split_multipart(body, params["boundary"])
         if found is not None:
@@ -328,7 +286,7 @@ def _seven_bit(entity: bytes, depth: int = 0) -> bytes:
             return entity[:offset] + b"".join(pieces)
     if main == "message/rfc822":
         return entity[:offset] + _seven_bit(body, depth + 1)
-    if body.isascii() and _transfer_encoding(fields) in ("7bit", "quoted-printable", "base64"):
+    if body.isascii() and mime.transfer_encoding(fields) in ("7bit", "quoted-printable", "base64"):
         return entity  # only the header has 8-bit text (RFC 6532): leave it as written
     kept = b"".join(raw for name, raw in fields if name != "content-transfer-encoding")
     if main.startswith("text/"):
@@ -391,7 +349,7 @@ def _entity(message: bytes) -> tuple[bytes, bytes, Content, bool]:
     data = canonicalize(message)
     ascii_only = data.isascii()
     block, offset = _split(data)
-    fields = _fields(block)
+    fields = mime.header_fields(block)
     outer = b"".join(raw for name, raw in fields if not name.startswith("content-") and name != "mime-version")
     inner = b"".join(raw for name, raw in fields if name.startswith("content-"))
     body = memoryview(data)[offset:]
@@ -571,7 +529,7 @@ def sign_and_encrypt(
 def classify(message: bytes) -> str | None:
     """``"encrypted"``, ``"signed"`` or None, from the top-level Content-Type alone."""
     block, _ = _split(canonicalize(message[: MAX_HEADER_BYTES + 4]))
-    main, params = _content_type(_fields(block))
+    main, params = mime.content_type(mime.header_fields(block))
     if main == "multipart/signed":
         return "signed"
     if _is_pkcs7_mime(main, params):
@@ -588,7 +546,7 @@ def _is_pkcs7_mime(main: str, params: dict[str, str]) -> bool:
 
 
 def _body_octets(fields: Sequence[tuple[str, bytes]], body: Content) -> bytes:
-    encoding = _transfer_encoding(fields)
+    encoding = mime.transfer_encoding(fields)
     if encoding == "base64":
         return _decode_base64(body)
     if encoding in ("7bit", "8bit", "binary"):
@@ -612,7 +570,7 @@ def open_message(
     """
     data = canonicalize(message)
     block, offset = _split(data)
-    outer_fields = _fields(block)
+    outer_fields = mime.header_fields(block)
     outer = b"".join(raw for name, raw in outer_fields if not name.startswith("content-"))
     entity_headers = b"".join(raw for name, raw in outer_fields if name.startswith("content-"))
     current: Content = data
@@ -621,7 +579,7 @@ def open_message(
     decryptions: list[Decryption] = []
     signatures: list[Signature] = []
     for _ in range(MAX_LAYERS + 1):
-        main, params = _content_type(current_fields)
+        main, params = mime.content_type(current_fields)
         body = memoryview(current)[current_offset:]
         if _is_pkcs7_mime(main, params):
             octets = _body_octets(current_fields, body)
@@ -659,7 +617,7 @@ def open_message(
             raise LimitExceeded("the message has too many layers of protection")
         current = canonicalize(bytes(current)) if _has_bare_lf(current) else current
         inner_block, current_offset = _split(current)
-        current_fields = _fields(inner_block)
+        current_fields = mime.header_fields(inner_block)
     else:
         raise LimitExceeded("the message has too many layers of protection")
     # Not S/MIME at all: the entity is the message's own Content-* fields and body.
@@ -707,8 +665,8 @@ def _open_detached(
     (content_start, content_end), (sig_start, sig_end) = found[0]
     signature_entity = body[sig_start:sig_end]
     sig_block, sig_offset = _split(signature_entity)
-    sig_fields = _fields(sig_block)
-    sig_type, _ = _content_type(sig_fields)
+    sig_fields = mime.header_fields(sig_block)
+    sig_type, _ = mime.content_type(sig_fields)
     if sig_type not in _PKCS7_SIGNATURE and sig_type != "application/octet-stream":
         raise Malformed("the signature part of a signed message is missing")
     octets = _body_octets(sig_fields, signature_entity[sig_offset:])
