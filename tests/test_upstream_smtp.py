@@ -160,6 +160,18 @@ class RelayTests(TestCase):
         self.assertEqual(self.server.committed[0], ("alice@example.org", ("bob@example.org",), data + b"\r\n"))
         self.assertIn(b"MAIL FROM:<alice@example.org> SIZE=%d" % len(data), self.server.commands)
 
+    async def test_close_while_a_connection_is_being_made_waits_for_it_and_drops_it(self) -> None:
+        relay = self.relay()
+        pending = Deferred.fromCoroutine(relay.relay([RelayCopy("alice@example.org", ("bob@example.org",), b"x")]))
+        closed = relay.close()  # the TCP connection is still being made
+        self.assertNoResult(closed)
+        failure = await pending.addErrback(lambda f: f)
+        self.assertTrue(failure.check(UpstreamUnavailable), failure)
+        await closed
+        self.assertEqual(self.server.committed, [])
+        with self.assertRaises(UpstreamUnavailable):
+            await relay.relay([RelayCopy("alice@example.org", ("bob@example.org",), b"x")])
+
     async def test_verify_returns_the_recipients_reply(self) -> None:
         self.server.refuse_rcpt["nobody@example.org"] = b"550 5.1.1 no such user"
         relay = self.relay()

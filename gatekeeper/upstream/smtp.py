@@ -343,6 +343,8 @@ class SmtpRelay:
         self._idle: list[tuple[UpstreamConnection, Any]] = []
         self._open: set[UpstreamConnection] = set()
         self._closing: list[Deferred[None]] = []
+        self._connecting = 0
+        self._closed = False
         self.connections_made = 0
 
     @classmethod
@@ -385,12 +387,20 @@ class SmtpRelay:
                 if timer.active():
                     timer.cancel()
                 break
-        if not self._open:
+        self._maybe_closed()
+
+    def _maybe_closed(self) -> None:
+        if self._closed and not self._open and not self._connecting:
             closing, self._closing = self._closing, []
             for waiter in closing:
                 waiter.callback(None)
 
     async def _connect(self) -> UpstreamConnection:
+        if self._closed:
+            raise UpstreamUnavailable("the upstream relay is shutting down")
+        # A connection still being made when the relay closes must be waited for and
+        # dropped, or it would open after close() had reported everything closed.
+        self._connecting += 1
         try:
             protocol: UpstreamConnection = await connect(
                 self.reactor,
@@ -399,11 +409,17 @@ class SmtpRelay:
                 ca_file=self.ca_file,
                 timeout=self.timeout,
             )
+            if self._closed:
+                protocol.abort()
+                raise UpstreamUnavailable("the upstream relay is shutting down")
             await protocol.ready
         except UpstreamUnavailable as error:
             emit(log, "upstream", "upstream SMTP unavailable: {detail}", level="warn", protocol="smtp",
                  outcome="timeout" if "timed out" in str(error) else "error", detail=str(error))  # fmt: skip
             raise
+        finally:
+            self._connecting -= 1
+            self._maybe_closed()
         self.connections_made += 1
         return protocol
 
@@ -421,6 +437,9 @@ class SmtpRelay:
 
     def _release(self, protocol: UpstreamConnection) -> None:
         protocol.transactions += 1
+        if self._closed:
+            protocol.quit()
+            return
         if not protocol.usable:
             protocol.abort()
             return
@@ -435,7 +454,8 @@ class SmtpRelay:
         protocol.quit()
 
     def close(self) -> Deferred[None]:
-        """Close every connection; fires when all are gone."""
+        """Close every connection (and those still being made); fires when all are gone."""
+        self._closed = True
         done: Deferred[None] = Deferred()
         idle, self._idle = self._idle, []
         for protocol, timer in idle:
@@ -445,10 +465,8 @@ class SmtpRelay:
         for protocol in list(self._open):
             if protocol not in (p for p, _ in idle):
                 protocol.abort()
-        if not self._open:
-            done.callback(None)
-        else:
-            self._closing.append(done)
+        self._closing.append(done)
+        self._maybe_closed()
         return done
 
     @property
