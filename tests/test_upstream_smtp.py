@@ -165,8 +165,8 @@ class RelayTests(TestCase):
         pending = Deferred.fromCoroutine(relay.relay([RelayCopy("alice@example.org", ("bob@example.org",), b"x")]))
         closed = relay.close()  # the TCP connection is still being made
         self.assertNoResult(closed)
-        failure = await pending.addErrback(lambda f: f)
-        self.assertTrue(failure.check(UpstreamUnavailable), failure)
+        with self.assertRaises(UpstreamUnavailable):
+            await pending
         await closed
         self.assertEqual(self.server.committed, [])
         with self.assertRaises(UpstreamUnavailable):

@@ -410,6 +410,7 @@ class SmtpRelay:
                 timeout=self.timeout,
             )
             if self._closed:
+                protocol.ready.addErrback(lambda _: None)  # the abort fails it; nobody waits for it now
                 protocol.abort()
                 raise UpstreamUnavailable("the upstream relay is shutting down")
             await protocol.ready
