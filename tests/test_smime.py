@@ -8,11 +8,14 @@ import datetime
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pyasn1.codec.ber import decoder as ber_decoder
-from pyasn1_modules import rfc5083, rfc5652
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1_modules import rfc4055, rfc5083, rfc5652
 from twisted.trial import unittest
 
 from gatekeeper import cms, smime
+from gatekeeper.cms import algorithms as alg
 from gatekeeper.cms import der
+from gatekeeper.cms.signed import _read_capabilities
 from gatekeeper.keys.identity import UnlockedKey
 from gatekeeper.testing.pki import TestPKI
 from gatekeeper.trust import TrustStatus, TrustValidator
@@ -339,3 +342,42 @@ class CertificateParsingTests(unittest.TestCase):
         self.assertEqual(result.signers[0].certificate, BOB.certificate)
         self.assertIsInstance(result.certificates[0], x509.Certificate)
         self.assertFalse(cms.verify(data, detached_content=[b"y"]).signers[0].verified)
+
+
+class CapabilityReadingTests(unittest.TestCase):
+    """SMIMECapabilities as a signer's attribute: what a correspondent says it can read."""
+
+    def read(self, value: bytes) -> tuple[str, ...] | None:
+        return _read_capabilities(der.parse(value))
+
+    def test_names_parameters_and_unknown_algorithms(self) -> None:
+        oaep_sha384 = der_encoder.encode(rfc4055.rSAES_OAEP_SHA384_Params)
+        rc2 = der.algorithm("1.2.840.113549.3.2", der.integer(128))
+        value = der.sequence(
+            der.algorithm(alg.CIPHERS["aes256-gcm"].oid),
+            alg.OAEP_SHA256_IDENTIFIER,
+            der.algorithm(alg.RSAES_OAEP, oaep_sha384),
+            der.algorithm(alg.RSAES_OAEP, b"\x05\x00"),  # parameters that are not OAEP's: plain OAEP
+            rc2,
+            der.sequence(der.oid("1.2.3.4")),
+        )
+        self.assertEqual(
+            self.read(value),
+            ("aes256-gcm", "rsa-oaep", "rsa-oaep-sha384", "rsa-oaep", "1.2.840.113549.3.2", "1.2.3.4"),
+        )
+        self.assertEqual(self.read(der.sequence()), ())
+
+    def test_at_most_64_are_read(self) -> None:
+        many = der.sequence(*[der.algorithm(alg.DIGESTS["sha256"].oid)] * 100)
+        self.assertEqual(self.read(many), ("sha256",) * 64)
+
+    def test_malformed(self) -> None:
+        for value in (
+            der.integer(1),  # not a SEQUENCE
+            der.sequence(der.integer(1)),  # an entry that is not a SEQUENCE
+            der.sequence(der.sequence()),  # an entry without its OID
+            der.sequence(der.sequence(der.integer(1))),  # the OID is not one
+            der.sequence(der.sequence(der.oid("1.2.3"), der.integer(1), der.integer(2))),  # three fields
+        ):
+            with self.assertRaises(cms.Malformed, msg=value.hex()):
+                self.read(value)

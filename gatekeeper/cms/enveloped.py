@@ -185,7 +185,10 @@ def _recipient_info(recipient: Recipient, key: bytes) -> bytes:
     return der.sequence(prefix, identifier, der.octet_string(public_key.encrypt(key, pad)))
 
 
+@functools.lru_cache(maxsize=64)
 def _shared_info(wrap_identifier: bytes, ukm: bytes | None, key_size: int) -> bytes:
+    # Cached: without a ukm (the usual case) it is one of a handful of values, and
+    # encoding it with pyasn1 cost a tenth of opening a signed and encrypted message.
     info = rfc5753.ECC_CMS_SharedInfo()
     decoded, _ = ber_decoder.decode(wrap_identifier, asn1Spec=rfc5280.AlgorithmIdentifier())
     info["keyInfo"]["algorithm"] = decoded["algorithm"]
