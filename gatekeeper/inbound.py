@@ -99,6 +99,7 @@ __all__ = [
     "Revealer",
     "SignerReport",
     "TrustSpec",
+    "is_plain_single_part",
     "reveal",
     "reveal_job",
 ]
@@ -111,6 +112,9 @@ REPORT_FILENAME = "gatekeeper-report.txt"
 PLAIN_FROM_LOCAL = ("warn", "note", "none")
 MAX_DEPTH = smime.MAX_MIME_DEPTH
 _FORGED_FIELDS = frozenset({SECURITY_HEADER.lower(), REPORT_HEADER.lower()})
+INLINE_PLAIN_BYTES = 128 * 1024
+"""Plain single-part messages up to this size are revealed on the reactor (see :class:`Revealer`)."""
+_INLINE_HEAD_BYTES = 16 * 1024
 _WEAK_CIPHERS = frozenset({"des3-cbc"})
 _STATUS_WORDS = {
     TrustStatus.VALID: "valid",
@@ -292,9 +296,11 @@ def reveal(
     at: datetime.datetime | None = None,
 ) -> tuple[bytes, Report]:
     """Decrypt, verify and report on ``message`` for ``identity`` (see the module's docstring)."""
-    # The header fields alone (open_message makes the whole message canonical itself).
+    # Made canonical once, here (open_canonical does not check again): on a plain 64 KB
+    # message the check is a third of the whole reveal.
+    data = smime.canonicalize(message)
     try:
-        outer_fields = mime.header_fields(_split(smime.canonicalize(message[: smime.MAX_HEADER_BYTES + 4]))[0])
+        outer_fields = mime.header_fields(_split(data)[0])
     except smime.LimitExceeded:
         outer_fields = []  # a header of over a megabyte: shown as text, below
     sender, message_id = _sender(outer_fields), _message_id(outer_fields)
@@ -302,7 +308,7 @@ def reveal(
     opened: smime.Opened | None = None
     failure: tuple[str, str] | None = None
     try:
-        opened = smime.open_message(message, identity.keys, validator, sender, at=at)
+        opened = smime.open_canonical(data, identity.keys, validator, sender, at=at)
     except smime.SMIMEError as error:
         failure = (_failure_code(error), str(error))
     except Exception as error:  # a bug must not lose the message: show it as it arrived
@@ -312,11 +318,10 @@ def reveal(
         entity = opened.content
     else:
         # Delivered as it arrived: the outer Content-* fields and the body are the entity.
-        data = smime.canonicalize(message)
         offset = _split(data)[1] if outer_fields else 0
         headers = b"".join(raw for name, raw in outer_fields if name not in _FORGED_FIELDS and not _is_content(name))
         entity = b"".join(raw for name, raw in outer_fields if _is_content(name)) + b"\r\n" + data[offset:]
-        del data
+    del data
     entity, stripped = _strip_forged(entity, 0)
     removed += stripped
     report = _report(identity, opened, failure, sender, message_id, removed, options)
@@ -748,8 +753,30 @@ class Clock(Protocol):
         """The current time in seconds."""
 
 
+def is_plain_single_part(message: bytes) -> bool:
+    """Whether revealing ``message`` reads no more than its header: one part, not S/MIME.
+
+    Neither S/MIME (:func:`gatekeeper.smime.classify`) nor a container (``multipart/*``,
+    ``message/*``, where forged reports could hide at depth), with the whole header in
+    its first 16 KB. Its reveal is then a header rewrite and copies of the body in C.
+    """
+    head = smime.canonicalize(message[:_INLINE_HEAD_BYTES])
+    end = head.find(b"\r\n\r\n")
+    if end < 0 and len(message) > _INLINE_HEAD_BYTES:
+        return False
+    main, _ = mime.content_type(mime.header_fields(head[: end + 2] if end >= 0 else head))
+    return not main.startswith(("multipart/", "message/")) and smime.classify(head) is None
+
+
 class Revealer:
     """Runs :func:`reveal` in the worker pool and does, on the reactor, what a worker must not.
+
+    The exception is a plain single-part message of at most ``inline_bytes``
+    (:func:`is_plain_single_part`): it is revealed on the reactor, which costs less
+    there than sending it to a worker. Measured on a 64 KB text message: 0.2 ms to
+    reveal it here, against 0.2 ms of the reactor's CPU for the pickles and pipes plus
+    0.5 ms in the worker. At the 128 KB default the reactor holds the GIL for about
+    0.4 ms, what a TLS handshake costs it; ``inline_bytes=0`` sends everything to workers.
 
     ``keyring`` and ``capabilities`` receive the valid, trusted signers (None: not
     harvested). A certificate already in the key ring with the same chain and
@@ -768,8 +795,10 @@ class Revealer:
         keyring: KeyRing | None = None,
         capabilities: ICapabilityStore | None = None,
         remember_interval: float = 3600.0,
+        inline_bytes: int = INLINE_PLAIN_BYTES,
     ) -> None:
         self.workers = workers
+        self.inline_bytes = inline_bytes
         self.trust = trust
         self.options = options
         self._clock = clock
@@ -795,9 +824,14 @@ class Revealer:
         session: int | None = None,
         peer: str | None = None,
     ) -> tuple[bytes, Report]:
-        """Reveal ``message`` for ``identity`` in a worker; harvest and emit events here."""
+        """Reveal ``message`` for ``identity`` (in a worker, unless plain and small); harvest and emit events here."""
         started = self._clock.seconds()
-        revealed, report = await self.workers.run(reveal_job, self._wire(identity), message, self.trust, self.options)
+        if len(message) <= self.inline_bytes and is_plain_single_part(message):
+            revealed, report = reveal(identity, message, validator=self.trust.validator(), options=self.options)
+        else:
+            revealed, report = await self.workers.run(
+                reveal_job, self._wire(identity), message, self.trust, self.options
+            )
         self.record(
             identity, report, protocol=protocol, session=session, peer=peer, seconds=self._clock.seconds() - started
         )

@@ -80,6 +80,7 @@ __all__ = [
     "canonicalize",
     "classify",
     "encrypt",
+    "open_canonical",
     "open_message",
     "sign",
     "sign_and_encrypt",
@@ -568,7 +569,21 @@ def open_message(
     in the From header (None: the signer's address is not compared). ``at`` is the time
     certificates are validated at (default: now).
     """
-    data = canonicalize(message)
+    return open_canonical(canonicalize(message), keys, validator, sender, at=at)
+
+
+def open_canonical(
+    data: bytes,
+    keys: Sequence[UnlockedKey],
+    validator: TrustValidator,
+    sender: str | None,
+    *,
+    at: datetime.datetime | None = None,
+) -> Opened:
+    """:func:`open_message` for a message already in canonical form (``canonicalize(data) is data``).
+
+    For a caller that needed the canonical form itself: the check is not made twice.
+    """
     block, offset = _split(data)
     outer_fields = mime.header_fields(block)
     outer = b"".join(raw for name, raw in outer_fields if not name.startswith("content-"))

@@ -329,7 +329,7 @@ class RevealTests(SynchronousTestCase):
         self.assertIn("no usable From address", report_text(revealed))
 
     def test_an_internal_error_delivers_the_message_unchanged(self) -> None:
-        with mock.patch.object(smime, "open_message", side_effect=RuntimeError("boom")):
+        with mock.patch.object(smime, "open_canonical", side_effect=RuntimeError("boom")):
             revealed, report = self.reveal(message())
         self.assertEqual((report.decrypted, report.error), ("failed", "internal"))
         self.assertNotIn("boom", report.text)
@@ -456,3 +456,58 @@ class RevealerTests(SynchronousTestCase):
             self.run_reveal(message())
             self.run_reveal(message())
         self.assertEqual(spy.call_count, 1)
+
+    def test_small_plain_single_parts_are_revealed_without_a_worker(self) -> None:
+        pool = InlineWorkerPool()
+        self.revealer = Revealer(pool, TrustSpec.of([self.w.pki.certificate]), clock=self.clock, inline_bytes=4096)
+        plain = message("carol@outside.example", TEXT)
+        revealed, report = self.run_reveal(plain)
+        self.assertEqual(pool.jobs, 0)
+        self.assertEqual(
+            (revealed, report), reveal(self.w.bob, plain, validator=TrustValidator([self.w.pki.certificate]))
+        )
+        self.assertIn(b"cannot be verified", revealed)
+        self.assertEqual([e["decrypted"] for e in self.events if e.get("gk_event") == "reveal"], ["no"])
+        for other in (
+            message("carol@outside.example"),  # multipart
+            smime.encrypt(plain, [self.w.bob_new.certificate]),
+            smime.sign(plain, self.w.signer()),
+            message("carol@outside.example", TEXT + b"x" * 4096),  # over inline_bytes
+        ):
+            self.run_reveal(other)
+        self.assertEqual(pool.jobs, 4)
+
+    def test_revealing_on_the_reactor_can_be_switched_off(self) -> None:
+        pool = InlineWorkerPool()
+        self.revealer = Revealer(pool, TrustSpec.of([self.w.pki.certificate]), clock=self.clock, inline_bytes=0)
+        self.run_reveal(message("carol@outside.example", TEXT))
+        self.assertEqual(pool.jobs, 1)
+
+
+TEXT = b"Content-Type: text/plain; charset=us-ascii\r\n\r\nSee you at noon.\r\n"
+
+
+class PlainSinglePartTests(SynchronousTestCase):
+    """Which messages :class:`Revealer` may reveal on the reactor: their header alone decides."""
+
+    def test_single_parts_that_are_not_smime(self) -> None:
+        for entity in (
+            TEXT,
+            b"\r\nno Content-Type: text/plain by default\r\n",
+            b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n",
+            TEXT.replace(b"\r\n", b"\n"),
+        ):
+            self.assertTrue(inbound.is_plain_single_part(message(entity=entity)), entity)
+        self.assertTrue(inbound.is_plain_single_part(b"Subject: only a header\r\n"))
+
+    def test_containers_smime_and_long_headers_are_not(self) -> None:
+        w = world()
+        for data in (
+            message(),  # multipart/alternative
+            message(entity=b"Content-Type: message/rfc822\r\n\r\n" + message(entity=TEXT)),
+            smime.encrypt(message(entity=TEXT), [w.bob_new.certificate]),
+            smime.sign(message(entity=TEXT), w.signer()),
+            message(entity=b"Content-Type: application/octet-stream; name=smime.p7m\r\n\r\nMIA=\r\n"),
+            message(extra=b"X-Padding: " + b"p" * 20000 + b"\r\n", entity=TEXT),
+        ):
+            self.assertFalse(inbound.is_plain_single_part(data), data[:300])
