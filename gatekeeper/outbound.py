@@ -79,7 +79,7 @@ from gatekeeper.errors import (
 from gatekeeper.events import emit
 from gatekeeper.interfaces import IRelayTransaction, ISubmissionRelay, RelayCopy, RelayOutcome, RelayReply
 from gatekeeper.keys.identity import Identity
-from gatekeeper.keys.unlocking import WireIdentity, identity_from_wire, identity_to_wire
+from gatekeeper.keys.unlocking import WireIdentity, identity_to_wire, worker_identities
 from gatekeeper.policy import Action, Decision, decide, sender_allowed
 
 log = Logger()
@@ -321,12 +321,6 @@ def _protection(fields: Sequence[tuple[str, bytes]], body: bytes) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=16)
-def _identity(wire: WireIdentity) -> Identity:
-    # Rebuilt key objects are kept per worker: a busy sender's key is not reloaded per message.
-    return identity_from_wire(wire)
-
-
 @functools.lru_cache(maxsize=256)
 def _certificate(der: bytes) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
@@ -471,7 +465,7 @@ def _copies(request: ProtectRequest, base: bytes, visible: set[str]) -> list[Del
     for recipient in request.recipients:
         if address_key(recipient.address) not in visible and recipient.action in _ORDER:
             plans.append((recipient.action, [recipient]))  # Bcc: a copy of its own
-    identity = _identity(request.signer)
+    identity = worker_identities.get(request.signer)
     signer = identity.current
     own = signer.certificate.public_bytes(Encoding.DER)
     # With several signed copies the message is signed once and that is encrypted per copy.

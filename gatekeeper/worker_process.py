@@ -14,15 +14,38 @@ import fcntl
 import importlib
 import os
 import pickle
+import select
 import signal
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 HEADER = struct.Struct(">I")
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = 1031  # Linux: a bigger pipe means fewer wake-ups per 64 KB message
 PR_SET_PDEATHSIG = 1
+IDLE_SECONDS = 30.0
+"""After this long without a job, a worker runs its idle hooks (see :func:`on_idle`)."""
+
+_idle_hooks: list[Callable[[], None]] = []
+
+
+def on_idle(hook: Callable[[], None]) -> None:
+    """Run ``hook`` whenever this worker has waited :data:`IDLE_SECONDS` for a job.
+
+    For what a job may keep between jobs but must not keep for long (rebuilt private
+    keys): a hook forgets it, so an idle worker holds nothing of the kind.
+    """
+    if hook not in _idle_hooks:
+        _idle_hooks.append(hook)
+
+
+def wait_for_job(fd: int, seconds: float = IDLE_SECONDS) -> None:
+    """Block until ``fd`` is readable, running the idle hooks every ``seconds`` meanwhile."""
+    while not select.select([fd], [], [], seconds)[0]:
+        for hook in _idle_hooks:
+            hook()
 
 
 def enlarge_pipe(fd: int) -> None:
@@ -70,6 +93,7 @@ def serve(read_fd: int = 0, write_fd: int = 1) -> None:
     enlarge_pipe(read_fd)
     enlarge_pipe(write_fd)
     while True:
+        wait_for_job(read_fd)
         header = read_exactly(read_fd, HEADER.size)
         if header is None:
             return

@@ -490,17 +490,17 @@ TEXT = b"Content-Type: text/plain; charset=us-ascii\r\n\r\nSee you at noon.\r\n"
 class PlainSinglePartTests(SynchronousTestCase):
     """Which messages :class:`Revealer` may reveal on the reactor: their header alone decides."""
 
-    def test_single_parts_that_are_not_smime(self) -> None:
+    def test_text_single_parts(self) -> None:
         for entity in (
             TEXT,
             b"\r\nno Content-Type: text/plain by default\r\n",
-            b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n",
+            b"Content-Type: text/html; charset=utf-8\r\n\r\n<p>See you at noon.</p>\r\n",
             TEXT.replace(b"\r\n", b"\n"),
         ):
             self.assertTrue(inbound.is_plain_single_part(message(entity=entity)), entity)
         self.assertTrue(inbound.is_plain_single_part(b"Subject: only a header\r\n"))
 
-    def test_containers_smime_and_long_headers_are_not(self) -> None:
+    def test_containers_smime_other_types_and_long_headers_are_not(self) -> None:
         w = world()
         for data in (
             message(),  # multipart/alternative
@@ -508,6 +508,7 @@ class PlainSinglePartTests(SynchronousTestCase):
             smime.encrypt(message(entity=TEXT), [w.bob_new.certificate]),
             smime.sign(message(entity=TEXT), w.signer()),
             message(entity=b"Content-Type: application/octet-stream; name=smime.p7m\r\n\r\nMIA=\r\n"),
+            message(entity=b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n"),
             message(extra=b"X-Padding: " + b"p" * 20000 + b"\r\n", entity=TEXT),
         ):
             self.assertFalse(inbound.is_plain_single_part(data), data[:300])

@@ -13,7 +13,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from gatekeeper.errors import BadPassword
 from gatekeeper.keys.accounts import Accounts
 from gatekeeper.keys.store import FileKeyStore
-from gatekeeper.keys.unlocking import WireIdentity, identity_from_wire, unlock_from_store
+from gatekeeper.keys.unlocking import (
+    WireIdentity,
+    WorkerIdentities,
+    identity_from_wire,
+    identity_to_wire,
+    unlock_from_store,
+)
+from gatekeeper.testing.login import make_identity
 from gatekeeper.workers import WorkerPool
 from tests.keys_support import FAST_ITERATIONS, key_generator, keys_config, make_ca
 
@@ -91,3 +98,39 @@ class UnlockInWorkerTests(TestCase):
         self.assertEqual(identity_from_wire(wire).address, "bob@example.org")
         with self.assertRaises(BadPassword):
             await pool.run(unlock_from_store, root, "bob@example.org", "nope", FAST_ITERATIONS)
+
+
+class WorkerIdentitiesTests(SynchronousTestCase):
+    """A worker keeps rebuilt key objects while they are used, and not for longer."""
+
+    def setUp(self) -> None:
+        self.now = 0.0
+        self.cache = WorkerIdentities(size=2, seconds=30, clock=lambda: self.now)
+        self.wires = [identity_to_wire(make_identity(f"user{n}@example.org", key_index=n)) for n in range(3)]
+
+    def test_kept_while_used(self) -> None:
+        first = self.cache.get(self.wires[0])
+        for self.now in (10.0, 35.0, 60.0):  # each use within 30 s of the last
+            copy = pickle.loads(pickle.dumps(self.wires[0]))  # noqa: S301 - our own bytes: an equal wire
+            self.assertIs(self.cache.get(copy), first)
+        key = first.current
+        self.assertEqual(key.private_key.public_key().public_numbers(), key.certificate.public_key().public_numbers())
+
+    def test_forgotten_30_seconds_after_the_last_use(self) -> None:
+        first = self.cache.get(self.wires[0])
+        self.now = 31.0
+        self.cache.get(self.wires[1])  # any job sweeps what went stale
+        self.assertEqual(len(self.cache), 1)
+        self.assertIsNot(self.cache.get(self.wires[0]), first)
+
+    def test_at_most_size_identities(self) -> None:
+        first = self.cache.get(self.wires[0])
+        self.cache.get(self.wires[1])
+        self.cache.get(self.wires[2])
+        self.assertEqual(len(self.cache), 2)
+        self.assertIsNot(self.cache.get(self.wires[0]), first)  # the least recently used went first
+
+    def test_clear(self) -> None:
+        self.cache.get(self.wires[0])
+        self.cache.clear()
+        self.assertEqual(len(self.cache), 0)

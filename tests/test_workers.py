@@ -14,8 +14,9 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from gatekeeper import worker_process
 from gatekeeper.errors import BadPassword
-from gatekeeper.worker_process import JobFailed
+from gatekeeper.worker_process import JobFailed, on_idle, wait_for_job
 from gatekeeper.workers import InlineWorkerPool, WorkerCrashed, WorkerPool, WorkersBusy
 from tests.fixtures.process import pid_alive
 
@@ -169,3 +170,32 @@ class OrphanTests(SynchronousTestCase):
         while pid_alive(worker) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.assertFalse(pid_alive(worker), "the worker outlived the gateway")
+
+
+class IdleHookTests(SynchronousTestCase):
+    """What a worker does while it waits for a job: forget what must not stay."""
+
+    def setUp(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        self.addCleanup(os.close, self.read_fd)
+        self.addCleanup(os.close, self.write_fd)
+        self.calls = 0
+
+    def hook(self) -> None:
+        self.calls += 1
+        if self.calls == 3:
+            os.write(self.write_fd, b"a job")
+
+    def test_hooks_run_every_idle_period_until_a_job_comes(self) -> None:
+        on_idle(self.hook)
+        on_idle(self.hook)  # registered once
+        self.addCleanup(worker_process._idle_hooks.remove, self.hook)
+        wait_for_job(self.read_fd, seconds=0.01)
+        self.assertEqual(self.calls, 3)
+
+    def test_no_hook_when_a_job_is_waiting(self) -> None:
+        on_idle(self.hook)
+        self.addCleanup(worker_process._idle_hooks.remove, self.hook)
+        os.write(self.write_fd, b"a job")
+        wait_for_job(self.read_fd, seconds=0.01)
+        self.assertEqual(self.calls, 0)

@@ -14,6 +14,9 @@ The decrypted private keys cross the worker's pipe as PKCS#8 DER, in memory only
 from __future__ import annotations
 
 import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -25,6 +28,7 @@ from gatekeeper.errors import BadPassword, KeyStoreError
 from gatekeeper.keys.accounts import dummy_unlock, unlock
 from gatekeeper.keys.identity import Identity, UnlockedKey
 from gatekeeper.keys.store import FileKeyStore
+from gatekeeper.worker_process import IDLE_SECONDS, on_idle
 
 
 @attrs.frozen(repr=False)
@@ -85,6 +89,52 @@ def identity_from_wire(wire: WireIdentity) -> Identity:
             )
         )
     return Identity(wire.address, tuple(keys))
+
+
+class WorkerIdentities:
+    """Identities rebuilt in a worker process, kept while they are in use.
+
+    Rebuilding costs more than loading: a fresh RSA-3072 key object's first private
+    operation costs 0.75 ms more than the next ones (measured: 1.74 against 0.98 ms),
+    and fresh certificate objects parse their fields again. So a worker keeps the key
+    objects of the identities it serves, but only while they are used: at most ``size``
+    of them, none longer than ``seconds`` after its last use, and none once the worker
+    has been idle that long (:func:`gatekeeper.worker_process.on_idle`). The reactor's
+    unlock cache, not this, decides how long a login stays valid.
+    """
+
+    def __init__(self, *, size: int = 16, seconds: float = IDLE_SECONDS, clock: Callable[[], float] = time.monotonic):
+        self.size = size
+        self.seconds = seconds
+        self._clock = clock
+        self._entries: OrderedDict[WireIdentity, tuple[Identity, float]] = OrderedDict()
+
+    def get(self, wire: WireIdentity) -> Identity:
+        """The identity for ``wire``, rebuilt unless it was used within ``seconds``."""
+        now = self._clock()
+        while self._entries:  # least recently used first: stop at the first one still fresh
+            oldest, (_, used) = next(iter(self._entries.items()))
+            if now - used <= self.seconds:
+                break
+            del self._entries[oldest]
+        found = self._entries.pop(wire, None)
+        identity = found[0] if found is not None else identity_from_wire(wire)
+        self._entries[wire] = (identity, now)
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return identity
+
+    def clear(self) -> None:
+        """Forget every identity."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+worker_identities = WorkerIdentities()
+"""The worker process's identities (jobs call ``worker_identities.get(wire)``)."""
+on_idle(worker_identities.clear)
 
 
 def unlock_from_store(

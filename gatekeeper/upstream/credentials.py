@@ -29,7 +29,7 @@ from gatekeeper.errors import KeyStoreError, UpstreamRefused
 from gatekeeper.interfaces import UpstreamLogin
 from gatekeeper.keys.identity import Identity
 from gatekeeper.keys.store import atomic_write, private_directory, safe_name
-from gatekeeper.keys.unlocking import WireIdentity, identity_from_wire, identity_to_wire
+from gatekeeper.keys.unlocking import WireIdentity, identity_to_wire, worker_identities
 from gatekeeper.smime import SMIMEError
 
 MAX_FIELD = 1024
@@ -79,7 +79,7 @@ class CredentialStore:
 
 def open_sealed(wire: WireIdentity, sealed: bytes) -> tuple[str, str]:
     """Decrypt stored credentials with the user's keys (a worker job); returns (user, password)."""
-    identity = identity_from_wire(wire)
+    identity = worker_identities.get(wire)
     try:
         document = json.loads(decrypt(sealed, identity.keys).content)
         user, password = document["user"], document["password"]
