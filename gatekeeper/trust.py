@@ -26,6 +26,7 @@ helpers at the end, once, at start-up.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import itertools
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
     from gatekeeper.config import TrustConfig
 
 MAX_CHAIN = 8
+PATH_MEMO_SIZE = 1024
+"""How many (certificate, pool) paths a validator remembers."""
+_Path = tuple[x509.Certificate, ...]
 MIN_RSA_BITS = 2048
 SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
 _ANY_EKU = x509.ObjectIdentifier("2.5.29.37.0")
@@ -174,7 +178,13 @@ def _describe(certificate: x509.Certificate) -> str:
 
 
 class TrustValidator:
-    """Validates certificates against fixed trust anchors, intermediates and CRLs. Immutable."""
+    """Validates certificates against fixed trust anchors, intermediates and CRLs.
+
+    Its configuration is immutable; it remembers the certification paths it has built
+    (at most :data:`PATH_MEMO_SIZE`), since checking the signatures between certificates
+    is most of the work and never gives another answer. Dates, revocation, usage and
+    addresses are checked again on every call.
+    """
 
     def __init__(
         self,
@@ -189,6 +199,9 @@ class TrustValidator:
         self._intermediates = tuple(intermediates)
         self._crls = tuple(crls)
         self._now = now
+        # Paths found (or not) per certificate and pool: a signature between two
+        # certificates never changes, and checking them is most of a validation.
+        self._paths: dict[tuple[x509.Certificate, tuple[x509.Certificate, ...]], _Path | None] = {}
 
     @property
     def anchors(self) -> tuple[x509.Certificate, ...]:
@@ -251,7 +264,13 @@ class TrustValidator:
     ) -> tuple[x509.Certificate, ...] | None:
         if certificate in self._anchor_set:
             return (certificate,)
-        return self._extend((certificate,), pool)
+        key = (certificate, tuple(pool))
+        with contextlib.suppress(KeyError):
+            return self._paths[key]
+        path = self._paths[key] = self._extend((certificate,), pool)
+        if len(self._paths) > PATH_MEMO_SIZE:
+            self._paths.pop(next(iter(self._paths)), None)  # the oldest first
+        return path
 
     def _extend(
         self, path: tuple[x509.Certificate, ...], pool: Sequence[x509.Certificate]

@@ -79,6 +79,12 @@ class RoundTripTests(unittest.TestCase):
         self.assertIsNotNone(signature.signing_time)
         self.assertIn(b"Message-ID: <1@example.org>\r\n", opened.message)
 
+    def test_a_correspondent_s_certificate_is_parsed_once(self) -> None:
+        first = smime.open_message(smime.sign(MESSAGE, A), [], VALIDATOR, "alice@example.org").signatures[0]
+        second = smime.open_message(smime.sign(MESSAGE, A), [], VALIDATOR, "alice@example.org").signatures[0]
+        self.assertIs(first.certificate, second.certificate)
+        self.assertEqual(first.certificate, ALICE.certificate)
+
     def test_sign_variants(self) -> None:
         for signer, options, algorithm in [
             (A, {"digest": "sha384"}, "rsa-pkcs1v15"),

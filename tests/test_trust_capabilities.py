@@ -6,11 +6,13 @@ import datetime
 import os
 import stat
 from pathlib import Path
+from unittest import mock
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.trial import unittest
 
+from gatekeeper import trust
 from gatekeeper.capabilities import Capabilities, FileCapabilityStore, choose_algorithms
 from gatekeeper.config import parse_config_text
 from gatekeeper.testing.pki import TestPKI
@@ -76,6 +78,40 @@ class TrustTests(unittest.TestCase):
         validator = validator_from_config(config.trust, intermediates=[SUB.certificate])
         self.assertEqual(validator.anchors, (ROOT.certificate,))
         self.assertEqual(validator.validate(USER.certificate, purpose="sign").status, TrustStatus.REVOKED)
+
+
+class PathMemoTests(unittest.TestCase):
+    """A validator builds each certification path once; every other check runs on every call."""
+
+    def test_a_path_is_built_once_and_dates_are_still_checked(self) -> None:
+        validator = TrustValidator([ROOT.certificate], intermediates=[SUB.certificate])
+        with mock.patch.object(trust, "_issuer_candidates", wraps=trust._issuer_candidates) as candidates:
+            first = validator.validate(USER.certificate, purpose="sign")
+            built = candidates.call_count
+            copy = x509.load_der_x509_certificate(USER.certificate.public_bytes(Encoding.DER))
+            again = validator.validate(copy, purpose="sign", address="eve@example.org")
+            later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=800)
+            expired = validator.validate(copy, purpose="sign", at=later)
+        self.assertEqual(built, 2)  # the user's issuer, then the intermediate's
+        self.assertEqual(candidates.call_count, built)
+        self.assertTrue(first.ok and again.ok, (first.reasons, again.reasons))
+        self.assertEqual(again.chain, (USER.certificate, SUB.certificate, ROOT.certificate))
+        self.assertEqual(expired.status, TrustStatus.EXPIRED)
+
+    def test_a_path_not_found_is_remembered_for_that_pool_only(self) -> None:
+        validator = TrustValidator([ROOT.certificate])
+        self.assertEqual(validator.validate(USER.certificate, purpose="sign").status, TrustStatus.UNTRUSTED)
+        with_sub = validator.validate(USER.certificate, purpose="sign", extra_intermediates=[SUB.certificate])
+        self.assertTrue(with_sub.ok, with_sub.reasons)
+
+    def test_the_memo_is_bounded(self) -> None:
+        validator = TrustValidator([ROOT.certificate], intermediates=[SUB.certificate])
+        users = [SUB.user(f"u{n}@example.org", key_kind="p256", key_index=41) for n in range(5)]
+        with mock.patch.object(trust, "PATH_MEMO_SIZE", 3):
+            for user in users:
+                self.assertTrue(validator.validate(user.certificate, purpose="sign").ok)
+        self.assertEqual(len(validator._paths), 3)
+        self.assertEqual({key[0] for key in validator._paths}, {u.certificate for u in users[2:]})
 
 
 class CapabilityTests(unittest.TestCase):

@@ -338,10 +338,17 @@ def _read_certificates(buf: memoryview, element: der.Element) -> list[x509.Certi
         if len(found) >= MAX_CERTIFICATES:
             raise LimitExceeded("too many certificates in the message")
         try:
-            found.append(x509.load_der_x509_certificate(der.raw(buf, child)))
+            found.append(_certificate(der.raw(buf, child)))
         except (ValueError, x509.InvalidVersion):
             raise Malformed("a certificate in the message is malformed") from None
     return found
+
+
+@functools.lru_cache(maxsize=256)
+def _certificate(data: bytes) -> x509.Certificate:
+    # The same correspondents' certificates come with every message: a kept object has
+    # its extensions parsed already, and the validator's chain memo recognises it.
+    return x509.load_der_x509_certificate(data)
 
 
 def read_algorithm(buf: memoryview, element: der.Element) -> tuple[str, bytes | None]:
