@@ -630,7 +630,11 @@ def open_canonical(
             break
         if len(layers) > MAX_LAYERS:
             raise LimitExceeded("the message has too many layers of protection")
-        current = canonicalize(bytes(current)) if _has_bare_lf(current) else current
+        if main != "multipart/signed":
+            # New content (decrypted, or unwrapped from signed-data) may have bare line
+            # feeds; a detached signature's content is a part of ``current``, which is
+            # canonical already, so it is not checked again.
+            current = canonicalize(bytes(current)) if _has_bare_lf(current) else current
         inner_block, current_offset = _split(current)
         current_fields = mime.header_fields(inner_block)
     else:

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from gatekeeper import cms, smime
 from gatekeeper.cms import algorithms as alg
 from gatekeeper.cms import der
-from gatekeeper.cms.signed import _read_capabilities
+from gatekeeper.cms.signed import _parse_time, _read_capabilities
 from gatekeeper.keys.identity import UnlockedKey
 from gatekeeper.testing.pki import TestPKI
 from gatekeeper.trust import TrustStatus, TrustValidator
@@ -387,3 +387,27 @@ class CapabilityReadingTests(unittest.TestCase):
         ):
             with self.assertRaises(cms.Malformed, msg=value.hex()):
                 self.read(value)
+
+
+class SigningTimeTests(unittest.TestCase):
+    """signingTime as UTCTime or GeneralizedTime, read the way RFC 5280 says."""
+
+    def test_der_forms(self) -> None:
+        utc = datetime.UTC
+        self.assertEqual(_parse_time("260301100005Z", "%y%m%d"), datetime.datetime(2026, 3, 1, 10, 0, 5, tzinfo=utc))
+        last = datetime.datetime(2049, 12, 31, 23, 59, 59, tzinfo=utc)
+        self.assertEqual(_parse_time("491231235959Z", "%y%m%d"), last)
+        self.assertEqual(_parse_time("500101000000Z", "%y%m%d"), datetime.datetime(1950, 1, 1, tzinfo=utc))
+        self.assertEqual(_parse_time("20510101000000Z", "%Y%m%d"), datetime.datetime(2051, 1, 1, tzinfo=utc))
+
+    def test_other_forms(self) -> None:
+        utc = datetime.UTC
+        self.assertEqual(_parse_time("2603011000Z", "%y%m%d"), datetime.datetime(2026, 3, 1, 10, 0, tzinfo=utc))
+        self.assertEqual(_parse_time("260301100000+0100", "%y%m%d"), datetime.datetime(2026, 3, 1, 9, 0, tzinfo=utc))
+        self.assertEqual(_parse_time("550101000000+0000", "%y%m%d"), datetime.datetime(1955, 1, 1, tzinfo=utc))
+        self.assertEqual(_parse_time("20260301100000.25Z", "%Y%m%d"), datetime.datetime(2026, 3, 1, 10, 0, tzinfo=utc))
+
+    def test_impossible_dates(self) -> None:
+        for text, form in (("261301000000Z", "%y%m%d"), ("20260230000000Z", "%Y%m%d"), ("2603011000", "%y%m%d")):
+            with self.assertRaises(ValueError, msg=text):
+                _parse_time(text, form)
