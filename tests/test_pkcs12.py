@@ -6,8 +6,10 @@ import hashlib
 import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives import hashes, padding, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from cryptography.hazmat.primitives.serialization import pkcs12 as crypto_pkcs12
 from pyasn1.codec.der import decoder
 from pyasn1.type import char, univ
@@ -330,3 +332,58 @@ class InteropTests(SynchronousTestCase):
         exported = self.export_with_openssl(issued, "-keypbe", "NONE", "-certpbe", "NONE")
         self.assertRaises(KeyStoreError, pkcs12.open_pkcs12, exported, PASSWORD)
         self.assertRaises(KeyStoreError, pkcs12.kdf_parameters, exported)
+
+
+def legacy_file(issued: Issued, password: str) -> bytes:
+    """A PBE-SHA1-3DES PKCS#12 file with fresh random salts, as cryptography writes it."""
+    encryption = (
+        serialization.PrivateFormat.PKCS12.encryption_builder()
+        .kdf_rounds(2048)
+        .key_cert_algorithm(crypto_pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
+        .hmac_hash(hashes.SHA1())  # noqa: S303 - the legacy form under test
+        .build(password.encode("utf-8"))
+    )
+    return crypto_pkcs12.serialize_key_and_certificates(b"k", issued.key, issued.certificate, None, encryption)
+
+
+def key_bag(data: bytes) -> rfc5958.EncryptedPrivateKeyInfo:
+    """The shrouded key bag of a PKCS#12 file."""
+    for content_type, payload in pkcs12._authenticated_safe(data):
+        if content_type == rfc5652.id_data:
+            contents, _ = decoder.decode(payload, asn1Spec=rfc7292.SafeContents())
+            for bag in contents:
+                if bag["bagId"] == rfc7292.id_pkcs8ShroudedKeyBag:
+                    value = bytes(bag["bagValue"])
+                    return decoder.decode(value, asn1Spec=rfc5958.EncryptedPrivateKeyInfo())[0]
+    raise AssertionError("no key bag")
+
+
+class GnuPG22Tests(SynchronousTestCase):
+    """The legacy files GnuPG 2.2 cannot open, found from their salts (gpgsm itself: test_smime_interop)."""
+
+    def setUp(self) -> None:
+        self.issued = pki().user("alice@example.org", key_kind="p256")
+
+    def test_the_derivation_is_rfc_7292(self) -> None:
+        password = "pässword 1"  # non-ASCII: the derivation takes it as a BMPString
+        shrouded = key_bag(legacy_file(self.issued, password))
+        params, _ = decoder.decode(
+            bytes(shrouded["encryptionAlgorithm"]["parameters"]), asn1Spec=rfc7292.Pkcs_12PbeParams()
+        )
+        salt, iterations = bytes(params["salt"]), int(params["iterations"])
+        key, _ = pkcs12.pkcs12_kdf(password, salt, iterations, 1, 24)
+        iv, _ = pkcs12.pkcs12_kdf(password, salt, iterations, 2, 8)
+        decryptor = Cipher(TripleDES(key), modes.CBC(iv)).decryptor()
+        padded = decryptor.update(bytes(shrouded["encryptedData"])) + decryptor.finalize()
+        unpadder = padding.PKCS7(64).unpadder()
+        loaded = serialization.load_der_private_key(unpadder.update(padded) + unpadder.finalize(), None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+        self.assertTrue(same_key(loaded, self.issued.key))
+
+    def test_some_salts_trip_gnupg_and_most_do_not(self) -> None:
+        results = [pkcs12.trips_gnupg_22(legacy_file(self.issued, PASSWORD), PASSWORD) for _ in range(400)]
+        self.assertTrue(any(results), "no file of 400 would trip GnuPG 2.2 (about 6 expected)")
+        self.assertLess(sum(results), 40)
+
+    def test_files_of_today_are_not_affected(self) -> None:
+        self.assertFalse(pkcs12.trips_gnupg_22(sealed_for(self.issued), PASSWORD))

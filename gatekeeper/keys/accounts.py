@@ -61,6 +61,7 @@ __all__ = [
 
 MAX_PASSWORD = 1024
 LEGACY_EXPORT_ITERATIONS = 2048  # what old importers (Windows XP/7-era, old NSS) were built for
+_LEGACY_EXPORT_ATTEMPTS = 16  # each fails GnuPG 2.2 with a chance of about 1.5%: all 16, never
 
 Now = Callable[[], datetime.datetime]
 
@@ -480,7 +481,8 @@ class Accounts:
 
         Written by ``cryptography``: PBES2 (PBKDF2-HMAC-SHA256, AES-256-CBC) with a
         SHA-256 MAC by default; ``legacy`` gives PBE-SHA1-3DES with a SHA-1 MAC for
-        importers that know nothing newer (weak: move such files with care).
+        importers that know nothing newer (weak: move such files with care), with salts
+        GnuPG 2.2 can use (:func:`~gatekeeper.keys.pkcs12.trips_gnupg_22`).
         ``password`` must decrypt the user's keys; ``export_password`` protects the file.
         """
         check_new_password(export_password)
@@ -502,13 +504,19 @@ class Accounts:
                 .key_cert_algorithm(crypto_pkcs12.PBES.PBESv2SHA256AndAES256CBC)
                 .hmac_hash(hashes.SHA256())
             )
-        return crypto_pkcs12.serialize_key_and_certificates(
-            name=user.address.encode("utf-8"),
-            key=current.private_key,
-            cert=current.certificate,
-            cas=list(current.chain) or None,
-            encryption_algorithm=builder.build(export_password.encode("utf-8")),
-        )
+        for _attempt in range(_LEGACY_EXPORT_ATTEMPTS):
+            data = crypto_pkcs12.serialize_key_and_certificates(
+                name=user.address.encode("utf-8"),
+                key=current.private_key,
+                cert=current.certificate,
+                cas=list(current.chain) or None,
+                encryption_algorithm=builder.build(export_password.encode("utf-8")),
+            )
+            # About one legacy file in 70 has salts GnuPG 2.2 cannot use (it refuses the right
+            # password): another file, with new random salts, is as good for everyone else.
+            if not legacy or not pkcs12.trips_gnupg_22(data, export_password):
+                break
+        return data
 
     # -- internals
 
