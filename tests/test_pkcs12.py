@@ -334,11 +334,11 @@ class InteropTests(SynchronousTestCase):
         self.assertRaises(KeyStoreError, pkcs12.kdf_parameters, exported)
 
 
-def legacy_file(issued: Issued, password: str) -> bytes:
+def legacy_file(issued: Issued, password: str, rounds: int = 2048) -> bytes:
     """A PBE-SHA1-3DES PKCS#12 file with fresh random salts, as cryptography writes it."""
     encryption = (
         serialization.PrivateFormat.PKCS12.encryption_builder()
-        .kdf_rounds(2048)
+        .kdf_rounds(rounds)
         .key_cert_algorithm(crypto_pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
         .hmac_hash(hashes.SHA1())  # noqa: S303 - the legacy form under test
         .build(password.encode("utf-8"))
@@ -387,3 +387,9 @@ class GnuPG22Tests(SynchronousTestCase):
 
     def test_files_of_today_are_not_affected(self) -> None:
         self.assertFalse(pkcs12.trips_gnupg_22(sealed_for(self.issued), PASSWORD))
+
+    def test_only_files_like_ours(self) -> None:
+        with self.assertRaises(KeyStoreError):  # a Python loop of a million SHA-1 rounds: refused
+            pkcs12.trips_gnupg_22(legacy_file(self.issued, PASSWORD, rounds=1_000_000), PASSWORD)
+        with self.assertRaises(KeyStoreError):
+            pkcs12.trips_gnupg_22(b"not a PKCS#12 file", PASSWORD)
