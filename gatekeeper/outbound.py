@@ -45,7 +45,6 @@ import binascii
 import contextlib
 import datetime
 import email.utils
-import functools
 import itertools
 import os
 import re
@@ -58,7 +57,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -66,6 +64,7 @@ from twisted.logger import Logger
 from gatekeeper import mime, smime
 from gatekeeper.address import address_key, normalize_address
 from gatekeeper.capabilities import Capabilities, ICapabilityStore, choose_algorithms
+from gatekeeper.cms import certificate_from_der
 from gatekeeper.config import PolicyConfig
 from gatekeeper.errors import (
     InvalidAddress,
@@ -321,11 +320,6 @@ def _protection(fields: Sequence[tuple[str, bytes]], body: bytes) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=256)
-def _certificate(der: bytes) -> x509.Certificate:
-    return x509.load_der_x509_certificate(der)
-
-
 def _read(message: bytes | Path) -> bytes:
     if isinstance(message, Path):
         return message.read_bytes()
@@ -483,7 +477,7 @@ def _copies(request: ProtectRequest, base: bytes, visible: set[str]) -> list[Del
             return _finish(request, addresses, KIND_SIGNED, signed_message(), True)
         if action is Action.PLAIN:
             return _finish(request, addresses, KIND_PLAIN, base, False)
-        certificates = [_certificate(r.certificates[0]) for r in group if r.certificates]
+        certificates = [certificate_from_der(r.certificates[0]) for r in group if r.certificates]
         if all(c.public_bytes(Encoding.DER) != own for c in certificates):
             certificates.append(signer.certificate)  # encrypt to self: the Sent copy stays readable
         choice = choose_algorithms([_known(r) for r in group])

@@ -15,7 +15,7 @@ work can run in a thread or a worker process.
 
 from gatekeeper.cms.enveloped import Decrypted, KeyPair, Recipient, decrypt, envelope, envelope_parts
 from gatekeeper.cms.errors import LimitExceeded, Malformed, NotForMe, SMIMEError, Tampered, UnsupportedAlgorithm
-from gatekeeper.cms.signed import SignedDataResult, SignerResult, sign, sign_parts, verify
+from gatekeeper.cms.signed import SignedDataResult, SignerResult, certificate_from_der, sign, sign_parts, verify
 
 __all__ = [
     "Decrypted",
@@ -29,6 +29,7 @@ __all__ = [
     "SignerResult",
     "Tampered",
     "UnsupportedAlgorithm",
+    "certificate_from_der",
     "decrypt",
     "envelope",
     "envelope_parts",

@@ -338,16 +338,20 @@ def _read_certificates(buf: memoryview, element: der.Element) -> list[x509.Certi
         if len(found) >= MAX_CERTIFICATES:
             raise LimitExceeded("too many certificates in the message")
         try:
-            found.append(_certificate(der.raw(buf, child)))
+            found.append(certificate_from_der(der.raw(buf, child)))
         except (ValueError, x509.InvalidVersion):
             raise Malformed("a certificate in the message is malformed") from None
     return found
 
 
 @functools.lru_cache(maxsize=256)
-def _certificate(data: bytes) -> x509.Certificate:
-    # The same correspondents' certificates come with every message: a kept object has
-    # its extensions parsed already, and the validator's chain memo recognises it.
+def certificate_from_der(data: bytes) -> x509.Certificate:
+    """The certificate in ``data``, the same object for the same bytes (the last 256 are kept).
+
+    The same correspondents' certificates come with every message: a kept object has its
+    extensions parsed already, and a validator's path memo recognises it.
+    Raises ``ValueError`` for bytes that are not a certificate.
+    """
     return x509.load_der_x509_certificate(data)
 
 
