@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.names import dns, server
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -143,10 +144,20 @@ class SmimeaLookupTests(TestCase):
     def setUp(self) -> None:
         self.zone = ZoneResolver()
         self.factory = ValidatingResolverFactory(self.zone)
-        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(self.factory), interface="127.0.0.1")
+        # DNS wants UDP and TCP on one port: a free UDP port's number may be taken for TCP
+        # (another test's connection), so try again with another.
+        for _attempt in range(20):
+            udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(self.factory), interface="127.0.0.1")
+            self.port = udp.getHost().port
+            try:
+                tcp = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+            except CannotListenError:
+                udp.stopListening()
+                continue
+            break
+        else:
+            raise AssertionError("no port free for both UDP and TCP")
         self.addCleanup(udp.stopListening)
-        self.port = udp.getHost().port
-        tcp = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
         self.addCleanup(tcp.stopListening)
         self.source = SmimeaSource(("127.0.0.1", self.port), reactor=reactor, timeout=2.0)
         self.directory = KeyDirectory([self.source], TrustValidator([TRUSTED_CA.certificate]), clock=reactor)
