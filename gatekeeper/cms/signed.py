@@ -585,9 +585,7 @@ def _parse_time(text: str, date_format: str) -> datetime.datetime:
     short = date_format == "%y%m%d"
     if len(text) == (13 if short else 15) and text.endswith("Z") and text[:-1].isdigit():
         # The DER form (seconds, UTC), as nearly every signer writes it: read without strptime.
-        year, rest = (int(text[:2]), text[2:]) if short else (int(text[:4]), text[4:])
-        if short:
-            year += 1900 if year >= 50 else 2000  # RFC 5280 4.1.2.5.1
+        year, rest = (_utc_time_year(text), text[2:]) if short else (int(text[:4]), text[4:])
         return datetime.datetime(
             year, int(rest[:2]), int(rest[2:4]), int(rest[4:6]), int(rest[6:8]), int(rest[8:10]), tzinfo=datetime.UTC
         )
@@ -599,8 +597,14 @@ def _parse_time(text: str, date_format: str) -> datetime.datetime:
     time_format = "%H%M%S" if len(body) == date_length + 6 else "%H%M"
     moment = datetime.datetime.strptime(body + zone, date_format + time_format + "%z")
     if short:  # strptime's %y puts 50-68 in this century; RFC 5280 puts them in the last
-        moment = moment.replace(year=int(body[:2]) + (1900 if int(body[:2]) >= 50 else 2000))
+        moment = moment.replace(year=_utc_time_year(body))
     return moment.astimezone(datetime.UTC)
+
+
+def _utc_time_year(text: str) -> int:
+    """The year of a UTCTime: YY of 50 and above is 19YY, below 50 is 20YY (RFC 5280 4.1.2.5.1)."""
+    two_digits = int(text[:2])
+    return two_digits + (1900 if two_digits >= 50 else 2000)
 
 
 def _read_capabilities(value: tuple[memoryview, der.Element] | None) -> tuple[str, ...] | None:

@@ -701,7 +701,7 @@ def trips_gnupg_22(pfx: bytes, password: str) -> bool:
         if not 1 <= iterations <= _LEGACY_MAX_ITERATIONS:
             raise KeyStoreError("the PKCS#12 file's iteration count is out of range")
         # 3DES: a 24-octet key (ID 1) and an 8-octet IV (ID 2).
-        if _drops_a_zero(password, salt, iterations, 1, 24) or _drops_a_zero(password, salt, iterations, 2, 8):
+        if pkcs12_kdf(password, salt, iterations, 1, 24)[1] or pkcs12_kdf(password, salt, iterations, 2, 8)[1]:
             return True
     return False
 
@@ -724,11 +724,6 @@ def _legacy_pbe_algorithms(pfx: bytes) -> list[rfc5280.AlgorithmIdentifier]:
     except (PyAsn1Error, TypeError, ValueError):
         raise KeyStoreError("not a well-formed PKCS#12 file") from None
     return [algorithm for algorithm in found if algorithm["algorithm"] == _PBE_SHA1_3DES]
-
-
-def _drops_a_zero(password: str, salt: bytes, iterations: int, purpose: int, length: int) -> bool:
-    """Whether deriving this key would adjust a block ``I_j`` to one that starts with a zero octet."""
-    return pkcs12_kdf(password, salt, iterations, purpose, length)[1]
 
 
 def pkcs12_kdf(password: str, salt: bytes, iterations: int, purpose: int, length: int) -> tuple[bytes, bool]:
